@@ -1,0 +1,341 @@
+"""Shortcut strategies S(x): identity, projection, zero-pad (option A) and pooled projection.
+
+Each strategy is a module usable on its own, and by name through :func:`resolve_shortcut` (the
+single resolver that ``Residual(fn, shortcut="...")`` uses). Each knows its layout:
+``"channels_first"`` is (N, C, *spatial) for convolutions, ``"channels_last"`` is (..., C) for
+MLP, RNN and Transformer streams. A stride ``s`` keeps every ``s``-th position starting at the
+first, so an odd size ``H`` becomes ``ceil(H / s)``, as the branch's padded 3x3 conv does.
+
+>>> import torch
+>>> from residual.shortcuts import ZeroPadShortcut
+>>> ZeroPadShortcut(16, 32, stride=2)(torch.ones(2, 16, 7, 7)).shape
+torch.Size([2, 32, 4, 4])
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import Tensor, nn
+
+from residual._types import Layout, ModuleFactory, check_layout, check_positive_int
+from residual.errors import ResidualError
+
+__all__ = [
+    "SHORTCUTS",
+    "IdentityShortcut",
+    "PooledProjectionShortcut",
+    "ProjectionShortcut",
+    "ZeroPadShortcut",
+    "resolve_shortcut",
+]
+
+SHORTCUTS: tuple[str, ...] = ("identity", "projection", "zero_pad", "pooled_projection", "auto")
+"""The names :func:`resolve_shortcut` accepts."""
+
+_CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_BATCH_NORMS: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_AVG_POOLS: dict[int, type[nn.Module]] = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+
+
+class _DefaultNorm:
+    """Marker: BatchNorm for channel-first projections, no norm for channel-last ones."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT_NORM"
+
+
+DEFAULT_NORM = _DefaultNorm()
+
+
+def _check_spatial_dims(caller: str, spatial_dims: int) -> int:
+    if spatial_dims not in _CONVS:
+        raise ResidualError(f"{caller}: spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+    return spatial_dims
+
+
+def _subsample(x: Tensor, stride: int, layout: Layout) -> Tensor:
+    """Keep every ``stride``-th position of each spatial dim (ceil(H / stride) remain)."""
+    if stride == 1:
+        return x
+    every = slice(None, None, stride)
+    if layout == "channels_first":
+        return x[(slice(None), slice(None)) + (every,) * (x.dim() - 2)]
+    return x[(slice(None),) + (every,) * (x.dim() - 2) + (slice(None),)]
+
+
+def _check_channels(caller: str, x: Tensor, expected: int, layout: Layout) -> None:
+    dim = 1 if layout == "channels_first" else -1
+    if x.dim() < 2 or x.shape[dim] != expected:
+        where = "dim 1 (channels_first)" if dim == 1 else "the last dim (channels_last)"
+        raise ResidualError(
+            f"{caller}: expected {expected} channels at {where}, got input of shape "
+            f"{tuple(x.shape)}; check the layout or the in_channels the shortcut was built with"
+        )
+
+
+class IdentityShortcut(nn.Module):
+    """S(x) = x: the shortcut when the branch keeps the shape.
+
+    >>> import torch
+    >>> IdentityShortcut()(torch.ones(2, 3)).shape
+    torch.Size([2, 3])
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+class ProjectionShortcut(nn.Module):
+    """S(x) = norm(W x), a learned 1x1 projection with an optional stride (ResNet option B).
+
+    Channel-first it is a 1x1 ``ConvNd`` (attribute ``conv``), channel-last a ``Linear``
+    (attribute ``linear``); ``norm`` follows, BatchNorm by default for channel-first, none for
+    channel-last. The conv has no bias by default (the norm supplies it), as in torchvision.
+
+    Args:
+        in_channels: channels entering the shortcut.
+        out_channels: channels leaving it (the branch's output channels).
+        stride: spatial subsampling, matching the branch's stride.
+        layout: ``"channels_first"`` (N, C, *spatial) or ``"channels_last"`` (..., C).
+        spatial_dims: 1, 2 or 3, the conv's dimensionality (channel-first only).
+        norm_layer: factory called with ``out_channels``, or None for no norm.
+        bias: give the projection a bias.
+
+    >>> import torch
+    >>> proj = ProjectionShortcut(64, 128, stride=2)
+    >>> proj(torch.randn(2, 64, 7, 7)).shape
+    torch.Size([2, 128, 4, 4])
+    >>> ProjectionShortcut(256, 512, layout="channels_last")(torch.randn(3, 256)).shape
+    torch.Size([3, 512])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        stride: int = 1,
+        layout: Layout = "channels_first",
+        spatial_dims: int = 2,
+        norm_layer: ModuleFactory | _DefaultNorm | None = DEFAULT_NORM,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        self.in_channels = check_positive_int(name, "in_channels", in_channels)
+        self.out_channels = check_positive_int(name, "out_channels", out_channels)
+        self.stride = check_positive_int(name, "stride", stride)
+        self.layout = check_layout(name, layout)
+        self.spatial_dims = _check_spatial_dims(name, spatial_dims)
+        if isinstance(norm_layer, _DefaultNorm):
+            norm_layer = _BATCH_NORMS[spatial_dims] if layout == "channels_first" else None
+        if layout == "channels_first":
+            conv = _CONVS[spatial_dims]
+            self.conv = conv(in_channels, out_channels, 1, stride=stride, bias=bias)
+        else:
+            self.linear = nn.Linear(in_channels, out_channels, bias=bias)
+        self.norm = norm_layer(out_channels) if norm_layer is not None else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_channels(type(self).__name__, x, self.in_channels, self.layout)
+        if self.layout == "channels_first":
+            return self.norm(self.conv(x))
+        return self.norm(self.linear(_subsample(x, self.stride, "channels_last")))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, stride={self.stride}, layout={self.layout!r}"
+        )
+
+
+class ZeroPadShortcut(nn.Module):
+    """S(x): subsample by ``stride``, then append zero channels (ResNet paper option A).
+
+    No parameters. The zeros go after the input channels (``placement="end"``, as the
+    ``nn.Concat(Identity, MulConstant(0))`` of fb.resnet.torch's CIFAR nets) or half before and
+    half after (``placement="both"``, as many PyTorch CIFAR ports do).
+
+    Args:
+        in_channels: channels entering.
+        out_channels: channels leaving, at least ``in_channels``.
+        stride: spatial subsampling; odd sizes give ceil(H / stride).
+        layout: ``"channels_first"`` or ``"channels_last"``.
+        placement: ``"end"`` or ``"both"``.
+
+    Raises:
+        ResidualError: ``out_channels < in_channels`` (zero-padding cannot drop channels).
+
+    >>> import torch
+    >>> s = ZeroPadShortcut(2, 4, stride=2)
+    >>> y = s(torch.ones(1, 2, 3, 3))
+    >>> y.shape, y[0, :, 0, 0].tolist()
+    (torch.Size([1, 4, 2, 2]), [1.0, 1.0, 0.0, 0.0])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        stride: int = 1,
+        layout: Layout = "channels_first",
+        placement: Literal["end", "both"] = "end",
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        self.in_channels = check_positive_int(name, "in_channels", in_channels)
+        self.out_channels = check_positive_int(name, "out_channels", out_channels)
+        self.stride = check_positive_int(name, "stride", stride)
+        self.layout = check_layout(name, layout)
+        if out_channels < in_channels:
+            raise ResidualError(
+                f"{name}: cannot shrink {in_channels} channels to {out_channels} by zero-padding; "
+                'use shortcut="projection" to reduce channels'
+            )
+        if placement not in ("end", "both"):
+            raise ResidualError(f"{name}: placement must be 'end' or 'both', got {placement!r}")
+        self.placement = placement
+        extra = out_channels - in_channels
+        self._before = extra // 2 if placement == "both" else 0
+        self._after = extra - self._before
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_channels(type(self).__name__, x, self.in_channels, self.layout)
+        x = _subsample(x, self.stride, self.layout)
+        if self._before == 0 and self._after == 0:
+            return x
+        if self.layout == "channels_last":
+            return nn.functional.pad(x, (self._before, self._after))
+        # pad's spec runs from the last dim backwards: (0, 0) for each spatial dim, then channels.
+        return nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (self._before, self._after))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, stride={self.stride}, "
+            f"layout={self.layout!r}, placement={self.placement!r}"
+        )
+
+
+class PooledProjectionShortcut(nn.Module):
+    """S(x) = norm(conv1x1(avgpool(x))), the ResNet-D shortcut (He et al. 2019, "Bag of Tricks").
+
+    The average pool (kernel = stride, ``ceil_mode=True``, ``count_include_pad=False``) does the
+    subsampling so that the 1x1 conv sees every position; with stride 1 there is no pool.
+    Channel-first only.
+
+    >>> import torch
+    >>> PooledProjectionShortcut(64, 128, stride=2)(torch.randn(2, 64, 7, 7)).shape
+    torch.Size([2, 128, 4, 4])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        stride: int = 1,
+        spatial_dims: int = 2,
+        norm_layer: ModuleFactory | _DefaultNorm | None = DEFAULT_NORM,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        self.in_channels = check_positive_int(name, "in_channels", in_channels)
+        self.out_channels = check_positive_int(name, "out_channels", out_channels)
+        self.stride = check_positive_int(name, "stride", stride)
+        self.spatial_dims = _check_spatial_dims(name, spatial_dims)
+        if isinstance(norm_layer, _DefaultNorm):
+            norm_layer = _BATCH_NORMS[spatial_dims]
+        pool = _AVG_POOLS[spatial_dims]
+        self.pool = (
+            pool(stride, stride=stride, ceil_mode=True, count_include_pad=False)
+            if stride > 1
+            else nn.Identity()
+        )
+        self.conv = _CONVS[spatial_dims](in_channels, out_channels, 1, bias=False)
+        self.norm = norm_layer(out_channels) if norm_layer is not None else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_channels(type(self).__name__, x, self.in_channels, "channels_first")
+        return self.norm(self.conv(self.pool(x)))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
+
+
+def resolve_shortcut(
+    spec: str | nn.Module | None,
+    *,
+    in_channels: int | None = None,
+    out_channels: int | None = None,
+    stride: int = 1,
+    layout: Layout = "channels_first",
+    spatial_dims: int = 2,
+    norm_layer: ModuleFactory | _DefaultNorm | None = DEFAULT_NORM,
+) -> nn.Module:
+    """Turn a shortcut name (or module) into a shortcut module: the one resolver.
+
+    ``"auto"`` (and None) is identity when ``in_channels == out_channels`` and ``stride == 1``,
+    otherwise a projection. A module is returned as it is.
+
+    Raises:
+        ResidualError: unknown name (the valid ones are listed), or dimensions missing.
+        TypeError: neither a string nor a module.
+
+    >>> resolve_shortcut("auto", in_channels=64, out_channels=128, stride=2)
+    ProjectionShortcut(
+      64, 128, stride=2, layout='channels_first'
+      (conv): Conv2d(64, 128, kernel_size=(1, 1), stride=(2, 2), bias=False)
+      (norm): BatchNorm2d(128, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
+    )
+    """
+    if isinstance(spec, nn.Module):
+        return spec
+    if spec is None:
+        spec = "auto"
+    if not isinstance(spec, str):
+        raise TypeError(
+            f"shortcut must be a name {SHORTCUTS} or an nn.Module, got {type(spec).__name__}"
+        )
+    if spec not in SHORTCUTS:
+        raise ResidualError(f"unknown shortcut {spec!r}; valid names are {', '.join(SHORTCUTS)}")
+    if spec == "identity":
+        return IdentityShortcut()
+    if in_channels is None or out_channels is None:
+        raise ResidualError(
+            f"shortcut {spec!r} needs in_channels and out_channels; pass a module instead, "
+            "e.g. shortcut=ProjectionShortcut(in_channels, out_channels)"
+        )
+    if spec == "auto":
+        same = in_channels == out_channels and stride == 1
+        spec = "identity" if same else "projection"
+        if same:
+            return IdentityShortcut()
+    if spec == "zero_pad":
+        return ZeroPadShortcut(in_channels, out_channels, stride=stride, layout=layout)
+    if spec == "pooled_projection":
+        if layout != "channels_first":
+            raise ResidualError(
+                "shortcut 'pooled_projection' (ResNet-D) is channel-first only; "
+                "use 'projection' for channel-last streams"
+            )
+        return PooledProjectionShortcut(
+            in_channels,
+            out_channels,
+            stride=stride,
+            spatial_dims=spatial_dims,
+            norm_layer=norm_layer,
+        )
+    return ProjectionShortcut(
+        in_channels,
+        out_channels,
+        stride=stride,
+        layout=layout,
+        spatial_dims=spatial_dims,
+        norm_layer=norm_layer,
+    )
+
+
+def is_identity(shortcut: nn.Module) -> bool:
+    """True for the shortcuts that return their input unchanged."""
+    return isinstance(shortcut, IdentityShortcut | nn.Identity)
