@@ -34,7 +34,9 @@ def _frozen_norm_stats(module: nn.Module) -> Iterator[None]:
                 buf.copy_(value)
 
 
-def _contexts(module: nn.Module) -> tuple[contextlib.AbstractContextManager[None], ...]:
+def _contexts(
+    module: nn.Module,
+) -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
     return contextlib.nullcontext(), _frozen_norm_stats(module)
 
 

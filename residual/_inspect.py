@@ -10,6 +10,7 @@ shapes on every call.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
@@ -47,7 +48,7 @@ def _stride_of(module: nn.Module) -> int:
     if isinstance(module, _ConvTransposeNd):
         return 1
     if isinstance(module, _ConvNd | _MaxPoolNd | _AvgPoolNd):
-        stride = module.stride
+        stride: Any = module.stride
         s = stride[0] if isinstance(stride, tuple) else stride
         return int(s) if s is not None else 1
     return 1

@@ -99,6 +99,13 @@ class Residual(nn.Module):
     (torch.Size([2, 5, 8]), torch.Size([1, 2, 8]))
     """
 
+    fn: nn.Module
+    shortcut: nn.Module
+    merge: nn.Module | None
+    post: nn.Module | None
+    pre: nn.Module | None
+    drop_rate: Tensor
+
     def __init__(
         self,
         fn: nn.Module,
@@ -275,8 +282,8 @@ class Residual(nn.Module):
         if args or kwargs:
             raise ResidualError(
                 "Residual: drop_mode='subset' runs the branch on a subset of the samples and "
-                "cannot know which extra arguments are per-sample; use drop_mode='row' or 'batch' for "
-                "branches that take extra arguments"
+                "cannot know which extra arguments are per-sample; use drop_mode='row' or "
+                "'batch' for branches that take extra arguments"
             )
         n = x.shape[0]
         k = max(1, int(n * (1.0 - self.drop_path)))

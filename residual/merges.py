@@ -165,10 +165,9 @@ class LayerScale(nn.Module):
 
     def forward(self, shortcut: Tensor, branch: Tensor) -> Tensor:
         _check_dim("LayerScale", branch, self.dim, self.layout)
-        gamma = self.gamma
         if self.layout == "channels_first":
-            gamma = gamma.view((-1,) + (1,) * (branch.dim() - 2))
-        return shortcut + gamma * branch
+            return shortcut + self.gamma.view((-1,) + (1,) * (branch.dim() - 2)) * branch
+        return shortcut + self.gamma * branch
 
     def extra_repr(self) -> str:
         return f"{self.dim}, layout={self.layout!r}"

@@ -22,10 +22,10 @@ from residual._types import Layout, ModuleFactory, check_layout, check_positive_
 from residual.errors import ResidualError
 
 __all__ = [
-    "SHORTCUTS",
     "IdentityShortcut",
     "PooledProjectionShortcut",
     "ProjectionShortcut",
+    "SHORTCUTS",
     "ZeroPadShortcut",
     "resolve_shortcut",
 ]

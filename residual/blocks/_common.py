@@ -38,8 +38,6 @@ def conv_shortcut(
     )
 
 
-def residual_options(
-    drop_path: float, drop_mode: DropMode, checkpoint: bool
-) -> dict[str, Any]:
+def residual_options(drop_path: float, drop_mode: DropMode, checkpoint: bool) -> dict[str, Any]:
     """The ``Residual`` keyword options every block builder forwards."""
     return {"drop_path": drop_path, "drop_mode": drop_mode, "checkpoint": checkpoint}

@@ -46,7 +46,7 @@ def _zero_norm(norm: nn.Module) -> None:
     nn.init.zeros_(weight)
 
 
-def ResidualBlock(  # noqa: N802 - a builder named like the block it builds
+def ResidualBlock(
     in_channels: int,
     out_channels: int,
     stride: int = 1,
@@ -83,17 +83,18 @@ def ResidualBlock(  # noqa: N802 - a builder named like the block it builds
     (torch.Size([2, 32, 4, 4]), 13952)
     """
     _check_channels("ResidualBlock", in_channels, out_channels, stride)
+    last_norm = norm_layer(out_channels)
+    if zero_init:
+        _zero_norm(last_norm)
     fn = nn.Sequential(
         OrderedDict(
             conv1=_conv3x3(in_channels, out_channels, stride),
             bn1=norm_layer(out_channels),
             act1=make_act(act_layer),
             conv2=_conv3x3(out_channels, out_channels),
-            bn2=norm_layer(out_channels),
+            bn2=last_norm,
         )
     )
-    if zero_init:
-        _zero_norm(fn.bn2)
     return Residual(
         fn,
         conv_shortcut(shortcut, in_channels, out_channels, stride, norm_layer),
@@ -102,7 +103,7 @@ def ResidualBlock(  # noqa: N802 - a builder named like the block it builds
     )
 
 
-def Bottleneck(  # noqa: N802
+def Bottleneck(
     in_channels: int,
     planes: int,
     stride: int = 1,
@@ -135,6 +136,9 @@ def Bottleneck(  # noqa: N802
     check_positive_int("Bottleneck", "expansion", expansion)
     width = int(planes * (base_width / 64.0)) * groups
     out_channels = planes * expansion
+    last_norm = norm_layer(out_channels)
+    if zero_init:
+        _zero_norm(last_norm)
     fn = nn.Sequential(
         OrderedDict(
             conv1=_conv1x1(in_channels, width),
@@ -144,11 +148,9 @@ def Bottleneck(  # noqa: N802
             bn2=norm_layer(width),
             act2=make_act(act_layer),
             conv3=_conv1x1(width, out_channels),
-            bn3=norm_layer(out_channels),
+            bn3=last_norm,
         )
     )
-    if zero_init:
-        _zero_norm(fn.bn3)
     return Residual(
         fn,
         conv_shortcut(shortcut, in_channels, out_channels, stride, norm_layer),
@@ -157,7 +159,7 @@ def Bottleneck(  # noqa: N802
     )
 
 
-def PreActBlock(  # noqa: N802
+def PreActBlock(
     in_channels: int,
     out_channels: int,
     stride: int = 1,
@@ -184,14 +186,16 @@ def PreActBlock(  # noqa: N802
     _check_channels("PreActBlock", in_channels, out_channels, stride)
     short = conv_shortcut(shortcut, in_channels, out_channels, stride, None)
     preact = OrderedDict(bn1=norm_layer(in_channels), act1=make_act(act_layer))
+    first_conv = _conv3x3(in_channels, out_channels, stride)
+    last_conv = _conv3x3(out_channels, out_channels)
+    if zero_init:
+        nn.init.zeros_(last_conv.weight)
     body = OrderedDict(
-        conv1=_conv3x3(in_channels, out_channels, stride),
+        conv1=first_conv,
         bn2=norm_layer(out_channels),
         act2=make_act(act_layer),
-        conv2=_conv3x3(out_channels, out_channels),
+        conv2=last_conv,
     )
-    if zero_init:
-        nn.init.zeros_(body["conv2"].weight)
     options = residual_options(drop_path, drop_mode, checkpoint)
     if is_identity(short):
         return Residual(nn.Sequential(OrderedDict(**preact, **body)), short, **options)
