@@ -133,6 +133,7 @@ class Residual(nn.Module):
         self.checkpoint = bool(checkpoint)
         self.residual_in_fp32 = bool(residual_in_fp32)
         self._identity = is_identity(self.shortcut)
+        self._branch_has_buffers = any(True for _ in fn.buffers())
         self._channel_dim = 1 if (dims is None or dims.layout == "channels_first") else -1
         self.register_buffer("drop_rate", torch.tensor(0.0), persistent=False)
         self.drop_path = 0.0
@@ -268,13 +269,22 @@ class Residual(nn.Module):
         """Huang et al.: drop the branch for the whole batch; its compute is skipped."""
         s = self._shortcut(x)
         keep = 1.0 - self.drop_rate
-        if torch.compiler.is_compiling():
-            # Data-dependent skipping would break the graph: mask instead (same distribution).
-            gate = (torch.rand((), device=x.device) < keep).to(x.dtype) / keep
-            return self._merge(s, self._tensor_branch(x, args, kwargs) * gate)
-        if batch_keep(self.drop_path):
+
+        def run(x: Tensor, s: Tensor) -> Tensor:
             return self._merge(s, self._tensor_branch(x, args, kwargs) / keep)
-        y = self._merge(s, torch.zeros_like(s))
+
+        def skip(x: Tensor, s: Tensor) -> Tensor:
+            return self._merge(s, torch.zeros_like(s))
+
+        if torch.compiler.is_compiling():
+            pred = torch.rand((), device=x.device) < keep
+            if self._branch_has_buffers:
+                # torch.cond forbids the buffer updates of a norm in training: mask instead.
+                return self._merge(s, self._tensor_branch(x, args, kwargs) * (pred / keep))
+            return torch.cond(pred, run, skip, (x, s))
+        if batch_keep(self.drop_path):
+            return run(x, s)
+        y = skip(x, s)
         return y + self._unused_params_anchor(y)
 
     def _forward_subset(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:

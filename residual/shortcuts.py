@@ -286,7 +286,7 @@ def resolve_shortcut(
     ProjectionShortcut(
       64, 128, stride=2, layout='channels_first'
       (conv): Conv2d(64, 128, kernel_size=(1, 1), stride=(2, 2), bias=False)
-      (norm): BatchNorm2d(128, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
+      (norm): BatchNorm2d(128, ...)
     )
     """
     if isinstance(spec, nn.Module):

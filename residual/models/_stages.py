@@ -1,0 +1,45 @@
+"""Stacking blocks into stages, with a linear stochastic-depth schedule (private)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from residual.core import Residual
+from residual.drop import check_drop_rate, linear_drop_rates
+
+BlockBuilder = Callable[[int, int, int, float], Residual]
+"""(in_channels, width, stride, drop_path) -> a residual block."""
+
+
+def make_stages(
+    build: BlockBuilder,
+    in_channels: int,
+    widths: list[int],
+    blocks_per_stage: list[int],
+    strides: list[int],
+    out_channels: Callable[[int], int],
+    drop_path: float,
+    caller: str,
+) -> tuple[list[nn.Sequential], int]:
+    """Build one ``nn.Sequential`` of blocks per stage; rates decay linearly with depth.
+
+    The first block of a stage takes the stage's stride; ``out_channels(width)`` gives the
+    channels a block of that width outputs (``width`` for basic blocks, ``4 * width`` for
+    bottlenecks). Returns the stages and the channels leaving the last one.
+    """
+    check_drop_rate(caller, drop_path)
+    total = sum(blocks_per_stage)
+    rates = linear_drop_rates(drop_path, total) if drop_path > 0 else [0.0] * total
+    stages: list[nn.Sequential] = []
+    index = 0
+    channels = in_channels
+    for width, count, stride in zip(widths, blocks_per_stage, strides, strict=True):
+        blocks: list[nn.Module] = []
+        for i in range(count):
+            blocks.append(build(channels, width, stride if i == 0 else 1, rates[index]))
+            channels = out_channels(width)
+            index += 1
+        stages.append(nn.Sequential(*blocks))
+    return stages, channels

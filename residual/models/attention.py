@@ -1,0 +1,226 @@
+"""Attention and feed-forward branches for Transformer residuals (fused qkv, SDPA).
+
+These are *branches*: they hold no residual logic. A Transformer layer is two ``Residual`` s
+around them; the norm placement is chosen by where the norm goes (inside the branch for
+pre-norm, ``post=`` for post-norm).
+
+>>> import torch
+>>> attn = SelfAttention(16, 4)
+>>> attn(torch.randn(2, 5, 16)).shape
+torch.Size([2, 5, 16])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from residual._types import check_positive_int
+from residual.errors import ResidualError
+
+__all__ = ["AttentionBranch", "FeedForward", "SelfAttention", "resolve_activation"]
+
+
+def _additive(mask: Tensor, dtype: torch.dtype, name: str) -> Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            mask, float("-inf")
+        )
+    if not mask.is_floating_point():
+        raise TypeError(f"SelfAttention: {name} must be bool or floating, got {mask.dtype}")
+    return mask.to(dtype)
+
+
+def attention_mask(
+    attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+    batch: int,
+    heads: int,
+    length: int,
+    dtype: torch.dtype,
+) -> Tensor | None:
+    """Merge torch-style masks (bool True = masked out, or additive floats) into one SDPA mask.
+
+    ``attn_mask`` is (L, L) or (N * heads, L, L); ``key_padding_mask`` is (N, L).
+    """
+    mask: Tensor | None = None
+    if attn_mask is not None:
+        if attn_mask.dim() == 2 and attn_mask.shape == (length, length):
+            mask = _additive(attn_mask, dtype, "attn_mask")
+        elif attn_mask.dim() == 3 and attn_mask.shape == (batch * heads, length, length):
+            mask = _additive(attn_mask, dtype, "attn_mask").view(batch, heads, length, length)
+        else:
+            raise ResidualError(
+                f"SelfAttention: attn_mask of shape {tuple(attn_mask.shape)} does not fit; "
+                f"expected ({length}, {length}) or ({batch * heads}, {length}, {length})"
+            )
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (batch, length):
+            raise ResidualError(
+                f"SelfAttention: key_padding_mask of shape {tuple(key_padding_mask.shape)} "
+                f"does not fit; expected (batch, length) = ({batch}, {length})"
+            )
+        pad = _additive(key_padding_mask, dtype, "key_padding_mask").view(batch, 1, 1, length)
+        mask = pad if mask is None else mask + pad
+    return mask
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: one fused qkv ``Linear``, ``scaled_dot_product_attention``.
+
+    Weights are laid out as ``nn.MultiheadAttention``'s (``in_proj`` = ``in_proj_weight`` /
+    ``in_proj_bias``, ``out_proj``), so they copy over one to one. Masks follow torch's
+    conventions: bool ``True`` means "may not attend", floats are added to the scores.
+
+    Args:
+        d_model: model width; nhead: heads (must divide d_model); dropout: on attention weights.
+        bias: biases in the projections. causal: always apply a causal mask (decoders).
+
+    Input (N, L, d_model) -> output (N, L, d_model).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        *,
+        causal: bool = False,
+    ) -> None:
+        super().__init__()
+        check_positive_int("SelfAttention", "d_model", d_model)
+        check_positive_int("SelfAttention", "nhead", nhead)
+        if d_model % nhead:
+            raise ResidualError(
+                f"SelfAttention: nhead={nhead} must divide d_model={d_model}; "
+                f"try nhead in {[h for h in range(1, 17) if d_model % h == 0]}"
+            )
+        self.d_model, self.nhead, self.dropout, self.causal = d_model, nhead, dropout, causal
+        self.in_proj = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ResidualError(
+                f"SelfAttention: expected input (batch, length, {self.d_model}), got "
+                f"{tuple(x.shape)}"
+            )
+        n, length, _ = x.shape
+        qkv = self.in_proj(x).view(n, length, 3, self.nhead, -1).permute(2, 0, 3, 1, 4)
+        mask = attention_mask(attn_mask, key_padding_mask, n, self.nhead, length, x.dtype)
+        causal = self.causal or (is_causal and mask is None)
+        if self.causal and mask is not None:
+            causal_mask = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+            mask = mask.masked_fill(causal_mask, float("-inf"))
+            causal = False
+        out = F.scaled_dot_product_attention(
+            qkv[0],
+            qkv[1],
+            qkv[2],
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal,
+        )
+        return self.out_proj(out.transpose(1, 2).reshape(n, length, self.d_model))
+
+    def extra_repr(self) -> str:
+        return f"{self.d_model}, nhead={self.nhead}, dropout={self.dropout}, causal={self.causal}"
+
+
+class AttentionBranch(nn.Module):
+    """``dropout(attention(norm(x), masks...))``: the attention branch of a Transformer layer.
+
+    ``norm`` is None for post-norm layers (the norm is then the residual's ``post``).
+    """
+
+    def __init__(self, attention: SelfAttention, dropout: float, norm: nn.Module | None) -> None:
+        super().__init__()
+        self.norm = norm
+        self.attention = attention
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.dropout(self.attention(x, attn_mask, key_padding_mask, is_causal))
+
+
+class _Activation(nn.Module):
+    """A module around an activation function (a top-level function, so it pickles)."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return getattr(self.fn, "__name__", repr(self.fn))
+
+
+def resolve_activation(activation: str | Callable[[Tensor], Tensor] | nn.Module) -> nn.Module:
+    """``"relu"`` / ``"gelu"`` / a module / a function -> a module.
+
+    >>> resolve_activation("gelu")
+    GELU(approximate='none')
+    """
+    if isinstance(activation, nn.Module):
+        return activation
+    if isinstance(activation, str):
+        table: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}
+        if activation not in table:
+            raise ResidualError(
+                f"unknown activation {activation!r}; use 'relu', 'gelu', a module or a function"
+            )
+        return table[activation]()
+    if callable(activation):
+        return _Activation(activation)
+    raise TypeError(f"activation must be a name, a module or a function, got {activation!r}")
+
+
+class FeedForward(nn.Module):
+    """``dropout(linear2(dropout(act(linear1(norm(x))))))``: a Transformer's MLP branch.
+
+    >>> import torch
+    >>> FeedForward(8, 32, dropout=0.0)(torch.randn(2, 3, 8)).shape
+    torch.Size([2, 3, 8])
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        dim_feedforward: int,
+        dropout: float = 0.1,
+        activation: str | Callable[[Tensor], Tensor] | nn.Module = "relu",
+        bias: bool = True,
+        norm: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.norm = norm
+        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias)
+        self.activation = resolve_activation(activation)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))

@@ -1,0 +1,139 @@
+"""Residual MLP and MLP-Mixer (Tolstikhin et al. 2021), both stacks of ``Residual`` s.
+
+>>> import torch
+>>> MLPMixer(8, 2, 1, dim=32, depth=2, num_classes=10)(torch.randn(3, 1, 8, 8)).shape
+torch.Size([3, 10])
+"""
+
+from __future__ import annotations
+
+from einops.layers.torch import Rearrange, Reduce
+from torch import Tensor, nn
+
+from residual._types import check_positive_int
+from residual.core import Residual
+from residual.drop import linear_drop_rates
+from residual.errors import ResidualError
+
+__all__ = ["MLPMixer", "ResidualMLP", "mlp_block"]
+
+
+def mlp_block(dim: int, hidden: int, dropout: float = 0.0, drop_path: float = 0.0) -> Residual:
+    """A pre-norm MLP residual: ``x + Linear(GELU(Linear(LayerNorm(x))))``.
+
+    >>> [type(m).__name__ for m in mlp_block(8, 32).fn]
+    ['LayerNorm', 'Linear', 'GELU', 'Dropout', 'Linear']
+    """
+    return Residual(
+        nn.Sequential(
+            nn.LayerNorm(dim),
+            nn.Linear(dim, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, dim),
+        ),
+        drop_path=drop_path,
+    )
+
+
+class ResidualMLP(nn.Module):
+    """``Linear`` stem, ``depth`` pre-norm MLP residuals, LayerNorm, linear head.
+
+    Input (N, in_features) -> (N, num_classes).
+
+    >>> import torch
+    >>> ResidualMLP(64, 10, dim=32, depth=3)(torch.randn(4, 64)).shape
+    torch.Size([4, 10])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        dim: int = 256,
+        depth: int = 4,
+        expansion: int = 4,
+        dropout: float = 0.0,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        check_positive_int("ResidualMLP", "depth", depth)
+        rates = linear_drop_rates(drop_path, depth) if drop_path else [0.0] * depth
+        self.stem = nn.Linear(in_features, dim)
+        self.blocks = nn.Sequential(*(mlp_block(dim, expansion * dim, dropout, r) for r in rates))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.norm(self.blocks(self.stem(x))))
+
+
+class MLPMixer(nn.Module):
+    """MLP-Mixer: patch embedding, ``depth`` x (token-mixing residual, channel-mixing residual).
+
+    Token mixing transposes with einops' ``Rearrange`` so that a ``Linear`` mixes the patches.
+
+    Args:
+        image_size: side of the square input; patch_size: side of a patch (must divide it).
+        in_channels: image channels; dim: patch embedding width; depth: mixer layers.
+        num_classes: classifier outputs; token_hidden / channel_hidden: MLP widths
+            (default dim / 2 and 4 * dim, as the paper's S/16 ratios).
+
+    Input (N, C, H, W) -> (N, num_classes).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        in_channels: int,
+        *,
+        dim: int = 128,
+        depth: int = 4,
+        num_classes: int = 10,
+        token_hidden: int | None = None,
+        channel_hidden: int | None = None,
+        dropout: float = 0.0,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        check_positive_int("MLPMixer", "patch_size", patch_size)
+        if image_size % patch_size:
+            raise ResidualError(
+                f"MLPMixer: patch_size={patch_size} must divide image_size={image_size}"
+            )
+        tokens = (image_size // patch_size) ** 2
+        token_hidden = token_hidden or max(dim // 2, 1)
+        channel_hidden = channel_hidden or 4 * dim
+        self.image_size, self.in_channels = image_size, in_channels
+        self.patches = nn.Sequential(
+            Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size),
+            nn.Linear(patch_size * patch_size * in_channels, dim),
+        )
+        rates = linear_drop_rates(drop_path, 2 * depth) if drop_path else [0.0] * (2 * depth)
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            token_mixing = nn.Sequential(
+                nn.LayerNorm(dim),
+                Rearrange("b n d -> b d n"),
+                nn.Linear(tokens, token_hidden),
+                nn.GELU(),
+                nn.Dropout(dropout),
+                nn.Linear(token_hidden, tokens),
+                Rearrange("b d n -> b n d"),
+            )
+            layers.append(Residual(token_mixing, drop_path=rates[2 * i]))
+            layers.append(mlp_block(dim, channel_hidden, dropout, rates[2 * i + 1]))
+        self.blocks = nn.Sequential(*layers)
+        self.norm = nn.LayerNorm(dim)
+        self.pool = Reduce("b n d -> b d", "mean")
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1:] != (self.in_channels, self.image_size, self.image_size):
+            raise ResidualError(
+                f"MLPMixer: expected images (N, {self.in_channels}, {self.image_size}, "
+                f"{self.image_size}), got {tuple(x.shape)}"
+            )
+        return self.head(self.pool(self.norm(self.blocks(self.patches(x)))))
