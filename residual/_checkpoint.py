@@ -8,7 +8,7 @@ saves the running statistics before and puts them back after, so they move exact
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -18,26 +18,36 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.checkpoint import checkpoint
 
 
-@contextlib.contextmanager
-def _frozen_norm_stats(module: nn.Module) -> Iterator[None]:
-    saved: list[tuple[Tensor, Tensor]] = []
-    for m in module.modules():
-        if isinstance(m, _NormBase) and m.track_running_stats:
-            for buf in (m.running_mean, m.running_var, m.num_batches_tracked):
-                if buf is not None:
-                    saved.append((buf, buf.clone()))
-    try:
-        yield
-    finally:
+class _FrozenNormStats:
+    """Puts the running statistics of ``module``'s norms back as they were on entry.
+
+    Reusable: backward may recompute more than once (``retain_graph``, gradcheck).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.buffers = [
+            buf
+            for m in module.modules()
+            if isinstance(m, _NormBase) and m.track_running_stats
+            for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
+            if buf is not None
+        ]
+        self.saved: list[Tensor] = []
+
+    def __enter__(self) -> None:
+        self.saved = [buf.clone() for buf in self.buffers]
+
+    def __exit__(self, *exc: object) -> None:
         with torch.no_grad():
-            for buf, value in saved:
+            for buf, value in zip(self.buffers, self.saved, strict=True):
                 buf.copy_(value)
+        self.saved = []
 
 
 def _contexts(
     module: nn.Module,
 ) -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
-    return contextlib.nullcontext(), _frozen_norm_stats(module)
+    return contextlib.nullcontext(), _FrozenNormStats(module)
 
 
 def checkpointed_call(

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from torch import nn
+from torch import Tensor, nn
 
 from residual.core import Residual
 from residual.drop import check_drop_rate, linear_drop_rates
+from residual.errors import ResidualError
 
 BlockBuilder = Callable[[int, int, int, float], Residual]
 """(in_channels, width, stride, drop_path) -> a residual block."""
@@ -43,3 +44,12 @@ def make_stages(
             index += 1
         stages.append(nn.Sequential(*blocks))
     return stages, channels
+
+
+def check_images(caller: str, x: Tensor, channels: int) -> None:
+    """Raise unless ``x`` is a batch of images (N, channels, H, W)."""
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ResidualError(
+            f"{caller}: expected images of shape (N, {channels}, H, W), got {tuple(x.shape)}"
+            + ("; add a batch dim with x.unsqueeze(0)" if x.dim() == 3 else "")
+        )

@@ -1,0 +1,109 @@
+"""Activation checkpointing: same numbers, norm statistics moved once, RNG replayed, kwargs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import MySelfAttention
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from residual import Residual, ResidualBlock
+
+
+def _branch() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Conv2d(4, 4, 3, padding=1),
+    )
+
+
+def test_same_outputs_and_gradients_with_dropout() -> None:
+    plain = Residual(_branch())
+    ckpt = copy.deepcopy(plain)
+    ckpt.checkpoint = True
+    x = torch.randn(3, 4, 6, 6)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(7)
+    ya = plain(xa)
+    ya.square().sum().backward()
+    torch.manual_seed(7)
+    yb = ckpt(xb)
+    yb.square().sum().backward()  # the recomputation replays the same dropout mask
+    torch.testing.assert_close(yb, ya, atol=0, rtol=0)
+    torch.testing.assert_close(xb.grad, xa.grad, atol=1e-6, rtol=1e-6)
+    for (name, pa), pb in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(pb.grad, pa.grad, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_batchnorm_statistics_move_exactly_once() -> None:
+    plain = ResidualBlock(4, 4)
+    ckpt = ResidualBlock(4, 4, checkpoint=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(5, 4, 6, 6)
+    for model in (plain, ckpt):
+        model(x.clone().requires_grad_()).sum().backward()
+    for (name, a), b in zip(plain.named_buffers(), ckpt.buffers(), strict=True):
+        torch.testing.assert_close(b, a, atol=0, rtol=0, msg=name)
+    assert int(ckpt.fn.bn1.num_batches_tracked) == 1
+
+
+def test_plain_torch_checkpoint_moves_them_twice() -> None:
+    """The bug our checkpointing avoids, shown on torch's own function."""
+    bn = nn.BatchNorm1d(3)
+    x = torch.randn(8, 3, requires_grad=True)
+    checkpoint(bn, x, use_reentrant=False).sum().backward()
+    assert int(bn.num_batches_tracked) == 2
+
+
+def test_kwargs_reach_a_checkpointed_branch() -> None:
+    attn = MySelfAttention(8, 2)
+    block = Residual(attn, checkpoint=True)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[:, -1] = True
+    y = block(x, key_padding_mask=mask)
+    torch.testing.assert_close(y, x + attn(x, key_padding_mask=mask))
+    y.sum().backward()
+    assert all(p.grad is not None for p in attn.parameters())
+
+
+def test_checkpoint_with_a_branch_returning_no_tensor() -> None:
+    class Bad(nn.Module):
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            return [x]
+
+    with pytest.raises(TypeError, match="returned list; it must return a tensor"):
+        Residual(Bad(), checkpoint=True)(torch.randn(2, 2, requires_grad=True))
+
+
+def test_checkpoint_combines_with_drop_modes() -> None:
+    for mode in ("row", "batch", "subset"):
+        block = Residual(nn.Linear(4, 4), checkpoint=True, drop_path=0.3, drop_mode=mode)
+        x = torch.randn(8, 4, requires_grad=True)
+        block(x).sum().backward()
+        assert x.grad is not None, mode
+
+
+def test_gradcheck_checkpointed_branch() -> None:
+    block = Residual(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)), checkpoint=True).double()
+    x = torch.randn(4, 3, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(block, (x,))
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])
+def test_gradcheck_subset_drop(checkpointed: bool) -> None:
+    block = Residual(nn.Linear(3, 3), drop_path=0.5, drop_mode="subset", checkpoint=checkpointed)
+    block = block.double()
+
+    def fixed_draw(x: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(3)  # the same subset on every call gradcheck makes
+        return block(x)
+
+    x = torch.randn(6, 3, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(fixed_draw, (x,))

@@ -1,0 +1,201 @@
+"""Stochastic depth: the three modes, their compute savings, eval behaviour and compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo.testing
+from torch import Tensor, nn
+
+from residual import Residual, ResidualError, apply_drop_schedule, linear_drop_rates, set_drop_seed
+
+
+class Counting(nn.Module):
+    """A linear branch that records the batch size of every call."""
+
+    def __init__(self, dim: int = 4) -> None:
+        super().__init__()
+        self.lin = nn.Linear(dim, dim)
+        self.calls: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls.append(x.shape[0])
+        return self.lin(x)
+
+
+def test_row_mode_masks_whole_samples_and_rescales() -> None:
+    fn = Counting()
+    block = Residual(fn, drop_path=0.5, drop_mode="row")
+    x = torch.randn(4000, 4)
+    y = block(x)
+    full = x + fn(x) / 0.5
+    kept = torch.isclose(y, full).all(dim=1)
+    dropped = torch.isclose(y, x).all(dim=1)
+    assert torch.all(kept | dropped)
+    assert 0.45 < kept.float().mean() < 0.55
+    assert fn.calls[0] == 4000  # row mode computes everything
+
+
+def test_batch_mode_skips_forward_and_backward() -> None:
+    set_drop_seed(0)
+    fn = Counting()
+    block = Residual(fn, drop_path=0.5, drop_mode="batch")
+    x = torch.randn(8, 4, requires_grad=True)
+    ran = 0
+    for _ in range(200):
+        fn.lin.zero_grad(set_to_none=True)
+        before = len(fn.calls)
+        y = block(x)
+        y.sum().backward()
+        if len(fn.calls) > before:
+            ran += 1
+            torch.testing.assert_close(y, x + fn.lin(x) / 0.5)
+            assert fn.lin.weight.grad is not None
+        else:
+            torch.testing.assert_close(y, x, atol=0, rtol=0)
+            assert fn.lin.weight.grad is None  # no backward through the branch either
+    assert 70 < ran < 130
+
+
+def test_batch_mode_draws_are_reproducible_with_the_shared_seed() -> None:
+    def pattern() -> list[int]:
+        set_drop_seed(123)
+        fn = Counting()
+        block = Residual(fn, drop_path=0.5, drop_mode="batch")
+        seen = []
+        for _ in range(30):
+            before = len(fn.calls)
+            block(torch.randn(2, 4))
+            seen.append(len(fn.calls) - before)
+        return seen
+
+    torch.manual_seed(1)
+    first = pattern()
+    torch.manual_seed(2)  # a different global seed (other data order on another rank)
+    assert pattern() == first
+
+
+def test_subset_mode_computes_a_share_and_every_parameter_learns() -> None:
+    fn = Counting()
+    block = Residual(fn, drop_path=0.25, drop_mode="subset")
+    x = torch.randn(16, 4)
+    y = block(x)
+    assert fn.calls == [12]
+    full = x + fn.lin(x) * (16 / 12)
+    computed = torch.isclose(y, full, atol=1e-6).all(dim=1)
+    untouched = torch.isclose(y, x, atol=0).all(dim=1)
+    assert computed.sum() == 12 and untouched.sum() == 4
+    y.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fn.parameters())
+
+
+@pytest.mark.parametrize("mode", ["row", "batch", "subset"])
+def test_eval_is_the_expected_value(mode: str) -> None:
+    fn = nn.Linear(4, 4)
+    block = Residual(fn, drop_path=0.3, drop_mode=mode).eval()
+    x = torch.randn(6, 4)
+    torch.testing.assert_close(block(x), x + fn(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["row", "batch", "subset"])
+def test_training_mean_matches_eval(mode: str) -> None:
+    torch.manual_seed(0)
+    fn = nn.Linear(4, 4)
+    block = Residual(fn, drop_path=0.3, drop_mode=mode)
+    x = torch.randn(10, 4)
+    with torch.no_grad():
+        mean = torch.stack([block(x) for _ in range(3000)]).mean(0)
+        torch.testing.assert_close(mean, x + fn(x), atol=0.06, rtol=0.0)
+
+
+def test_merge_and_post_apply_in_every_mode() -> None:
+    for mode in ("row", "batch", "subset"):
+        block = Residual(nn.Linear(4, 4), drop_path=0.5, drop_mode=mode, post=nn.ReLU())
+        assert torch.all(block(torch.randn(8, 4)) >= 0), mode
+
+
+def test_mode_errors() -> None:
+    block = Residual(
+        nn.MultiheadAttention(4, 1, batch_first=True), drop_path=0.2, drop_mode="subset"
+    )
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(ResidualError, match="subset.*use drop_mode='row' or 'batch'"):
+        block(x, x, x)
+    lstm = Residual(nn.LSTM(4, 4, batch_first=True), drop_path=0.2, drop_mode="batch")
+    set_drop_seed(0)
+    with pytest.raises(
+        TypeError, match="needs a branch that returns a tensor.*use drop_mode='row'"
+    ):
+        for _ in range(20):
+            lstm(x)
+
+
+def test_row_mode_passes_tuples_through() -> None:
+    lstm = nn.LSTM(4, 4, batch_first=True)
+    y, (h, _) = Residual(lstm, drop_path=0.2)(torch.randn(3, 5, 4))
+    assert y.shape == (3, 5, 4) and h.shape == (1, 3, 4)
+
+
+def test_schedule_helpers() -> None:
+    assert linear_drop_rates(0.5, 2) == [0.25, 0.5]
+    net = nn.Sequential(*(Residual(nn.Linear(2, 2)) for _ in range(4)))
+    rates = apply_drop_schedule(net, 0.2, mode="subset")
+    assert [b.drop_path for b in net] == rates == pytest.approx([0.05, 0.1, 0.15, 0.2])
+    assert all(b.drop_mode == "subset" for b in net)
+    assert [float(b.drop_rate) for b in net] == pytest.approx(rates)
+    with pytest.raises(ResidualError, match="holds no Residual"):
+        apply_drop_schedule(nn.Linear(2, 2), 0.1)
+    with pytest.raises(ResidualError, match="num_blocks must be >= 1"):
+        linear_drop_rates(0.1, 0)
+
+
+def test_rate_is_a_buffer_outside_the_state_dict() -> None:
+    block = Residual(nn.Linear(2, 2), drop_path=0.1)
+    assert "drop_rate" in dict(block.named_buffers())
+    assert "drop_rate" not in block.state_dict()
+
+
+@pytest.mark.parametrize("mode", ["row", "batch", "subset"])
+def test_compile_fullgraph_no_frozen_draw_and_no_recompile_on_rate_change(mode: str) -> None:
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    branch = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8) if mode == "row" else nn.Tanh())
+    block = Residual(branch, drop_path=0.5, drop_mode=mode)
+    compiled = torch.compile(block, fullgraph=True, backend=counter)
+    x = torch.randn(16, 8, requires_grad=True)
+    outs = []
+    for _ in range(16):
+        y = compiled(x)
+        y.sum().backward()
+        outs.append(y.detach())
+    assert any(not torch.equal(outs[0], o) for o in outs[1:]), "the draw was frozen"
+    assert counter.frame_count == 1
+    block.set_drop_path(0.3)
+    compiled(x)
+    if mode != "subset":  # the subset's sample count is a shape: it must recompile
+        assert counter.frame_count == 1
+    block.eval()
+    torch.testing.assert_close(compiled(x), x + branch(x))
+
+
+def test_ddp_style_anchor_gives_every_parameter_a_gradient(tmp_path) -> None:
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        set_drop_seed(0)
+        fn = Counting()
+        block = Residual(fn, drop_path=0.5, drop_mode="batch")
+        for _ in range(20):
+            fn.lin.zero_grad(set_to_none=True)
+            before = len(fn.calls)
+            block(torch.randn(2, 4)).sum().backward()
+            if len(fn.calls) == before:  # dropped, yet DDP sees every parameter used
+                assert fn.lin.weight.grad is not None
+                assert torch.all(fn.lin.weight.grad == 0)
+                break
+        else:
+            pytest.fail("no step dropped the branch")
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,124 @@
+"""Merges: each equals its hand-written formula; learned parameters live in the merge."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchinfo
+from torch import nn
+
+from residual import (
+    Add,
+    GRUGate,
+    HighwayGate,
+    LayerScale,
+    Residual,
+    ResidualError,
+    ReZero,
+    ScaledAdd,
+    deepnorm_scales,
+)
+
+
+def test_add_and_scaled_add() -> None:
+    fn = nn.Linear(6, 6)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(Residual(fn, merge=Add())(x), x + fn(x), atol=0, rtol=0)
+    torch.testing.assert_close(Residual(fn, merge=ScaledAdd(alpha=1.7))(x), 1.7 * x + fn(x))
+    torch.testing.assert_close(Residual(fn, merge=ScaledAdd(beta=0.3))(x), x + 0.3 * fn(x))
+    torch.testing.assert_close(
+        Residual(fn, merge=ScaledAdd(alpha=2.0, beta=0.5))(x), 2 * x + 0.5 * fn(x)
+    )
+
+
+def test_deepnorm_scales_follow_the_paper() -> None:
+    enc, dec = deepnorm_scales(encoder_layers=6)
+    assert dec is None and enc is not None
+    assert math.isclose(enc.alpha, 12**0.25) and math.isclose(enc.beta, 48**-0.25)
+    enc, dec = deepnorm_scales(decoder_layers=6)
+    assert enc is None and dec is not None and math.isclose(dec.alpha, 12**0.25)
+    enc, dec = deepnorm_scales(encoder_layers=6, decoder_layers=6)
+    assert enc is not None and dec is not None
+    assert math.isclose(enc.alpha, 0.81 * (6**5) ** (1 / 16))
+    assert math.isclose(enc.beta, 0.87 * (6**5) ** (-1 / 16))
+    assert math.isclose(dec.alpha, 18**0.25) and math.isclose(dec.beta, 72**-0.25)
+    with pytest.raises(ResidualError, match="give a positive encoder_layers"):
+        deepnorm_scales()
+
+
+def test_rezero_starts_as_identity_and_learns() -> None:
+    block = Residual(nn.Linear(4, 4), merge=ReZero())
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(block(x), x, atol=0, rtol=0)
+    block(x).square().sum().backward()
+    assert block.merge.alpha.grad is not None and block.merge.alpha.grad.abs() > 0
+    assert "merge.alpha" in block.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("layout", "shape", "view"),
+    [("channels_last", (2, 5, 6), (6,)), ("channels_first", (2, 6, 3, 3), (6, 1, 1))],
+    ids=["channels_last", "channels_first"],
+)
+def test_layerscale_is_per_channel_and_layout_aware(layout, shape, view) -> None:
+    fn = nn.Identity()
+    merge = LayerScale(6, layout=layout)
+    assert torch.all(merge.gamma == 1e-5)
+    with torch.no_grad():
+        merge.gamma.copy_(torch.arange(6.0))
+    x = torch.randn(shape)
+    block = Residual(fn, merge=merge)
+    torch.testing.assert_close(block(x), x + torch.arange(6.0).view(view) * x)
+
+
+def test_layerscale_channel_mismatch_at_call() -> None:
+    block = Residual(nn.Identity(), merge=LayerScale(8))
+    with pytest.raises(ResidualError, match=r"built for 8 channels \(channels_last\).*dim=6"):
+        block(torch.randn(2, 6))
+
+
+def test_highway_gate_formula() -> None:
+    fn = nn.Linear(4, 4)
+    gate = HighwayGate(4, bias_init=-2.0)
+    x = torch.randn(3, 4)
+    g = torch.sigmoid(gate.proj(x))
+    torch.testing.assert_close(Residual(fn, merge=gate)(x), g * fn(x) + (1 - g) * x)
+    assert torch.all(gate.proj.bias == -2.0)
+
+
+def test_highway_gate_channels_first() -> None:
+    gate = HighwayGate(3, layout="channels_first")
+    s, f = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    g = torch.sigmoid(
+        torch.einsum("oc,nchw->nohw", gate.proj.weight, s) + gate.proj.bias.view(3, 1, 1)
+    )
+    torch.testing.assert_close(gate(s, f), g * f + (1 - g) * s)
+
+
+def test_gru_gate_is_a_gru_cell_with_the_shortcut_as_hidden_state() -> None:
+    gate = GRUGate(8)
+    s, f = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    expected = gate.gru(f.reshape(-1, 8), s.reshape(-1, 8)).view(2, 5, 8)
+    torch.testing.assert_close(gate(s, f), expected, atol=0, rtol=0)
+    # By hand: the GRU equations of Parisotto et al. 2019 with x = branch, h = shortcut.
+    w_ih, w_hh, b_ih, b_hh = (
+        gate.gru.weight_ih,
+        gate.gru.weight_hh,
+        gate.gru.bias_ih,
+        gate.gru.bias_hh,
+    )
+    gi, gh = f @ w_ih.T + b_ih, s @ w_hh.T + b_hh
+    r = torch.sigmoid(gi[..., :8] + gh[..., :8])
+    z = torch.sigmoid(gi[..., 8:16] + gh[..., 8:16])
+    n = torch.tanh(gi[..., 16:] + r * gh[..., 16:])
+    torch.testing.assert_close(gate(s, f), (1 - z) * n + z * s, atol=1e-6, rtol=1e-5)
+
+
+def test_merge_parameters_show_in_torchinfo_and_state_dict() -> None:
+    block = Residual(nn.Linear(16, 16), merge=GRUGate(16))
+    stats = torchinfo.summary(block, input_size=(2, 3, 16), verbose=0)
+    rows = {(i.class_name, i.num_params) for i in stats.summary_list}
+    assert ("GRUGate", 3 * 16 * 16 * 2 + 6 * 16) in rows
+    assert any(k.startswith("merge.gru.") for k in block.state_dict())

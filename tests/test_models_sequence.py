@@ -1,0 +1,156 @@
+"""Transformer layers equal torch.nn's; residual LSTM, GPT block, residual MLP and MLP-Mixer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from residual import Residual, ResidualError
+from residual.models import (
+    CausalTransformerLM,
+    MLPMixer,
+    ResidualLSTM,
+    ResidualMLP,
+    TransformerEncoderLayer,
+    gpt_block,
+)
+
+
+def _masks(n: int, length: int) -> dict[str, dict[str, torch.Tensor | bool]]:
+    padding = torch.zeros(n, length, dtype=torch.bool)
+    padding[0, -3:] = True
+    padding[1, -1:] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(length)
+    return {
+        "none": {},
+        "padding": {"src_key_padding_mask": padding},
+        "causal": {"src_mask": causal, "is_causal": True},
+        "bool-attn+padding": {"src_mask": causal == float("-inf"), "src_key_padding_mask": padding},
+        "float-padding": {
+            "src_key_padding_mask": torch.zeros(n, length).masked_fill(padding, -1e9)
+        },
+    }
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+@pytest.mark.parametrize("mask", list(_masks(3, 9)), ids=str)
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_encoder_layer_equals_torch(norm_first: bool, mask: str, activation: str) -> None:
+    ref = nn.TransformerEncoderLayer(
+        32, 4, 64, dropout=0.0, activation=activation, batch_first=True, norm_first=norm_first
+    )
+    ours = TransformerEncoderLayer.from_torch(ref)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
+    kwargs = _masks(3, 9)[mask]
+    x = torch.randn(3, 9, 32)
+    # train (dropout 0): outputs and every gradient
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ref(xa, **kwargs), ours(xb, **kwargs)
+    assert (ya - yb).abs().max() <= 1e-5
+    grad = torch.randn_like(ya)
+    ya.backward(grad)
+    yb.backward(grad)
+    assert (xa.grad - xb.grad).abs().max() <= 1e-5
+    theirs = {
+        "in_proj.weight": ref.self_attn.in_proj_weight.grad,
+        "out_proj.weight": ref.self_attn.out_proj.weight.grad,
+        "linear1.weight": ref.linear1.weight.grad,
+        "linear2.weight": ref.linear2.weight.grad,
+        "norm1.weight": ref.norm1.weight.grad,
+    }
+    mine = {
+        "in_proj.weight": ours.self_attn_block.fn.attention.in_proj.weight.grad,
+        "out_proj.weight": ours.self_attn_block.fn.attention.out_proj.weight.grad,
+        "linear1.weight": ours.ff_block.fn.linear1.weight.grad,
+        "linear2.weight": ours.ff_block.fn.linear2.weight.grad,
+        "norm1.weight": ours._norm(1).weight.grad,
+    }
+    for name, g in theirs.items():
+        assert (g - mine[name]).abs().max() <= 1e-5, name
+    # eval, against torch's fused inference fast path
+    ref.eval()
+    ours.eval()
+    with torch.inference_mode():
+        assert (ref(x, **kwargs) - ours(x, **kwargs)).abs().max() <= 1e-5
+
+
+def test_encoder_layer_is_two_residuals_and_errors() -> None:
+    layer = TransformerEncoderLayer(16, 4, 32)
+    assert [type(m).__name__ for m in layer.children()] == ["Residual", "Residual"]
+    assert isinstance(layer.self_attn_block.post, nn.LayerNorm)  # post-norm: after the merge
+    pre = TransformerEncoderLayer(16, 4, 32, norm_first=True)
+    assert pre.self_attn_block.post is None and isinstance(
+        pre.self_attn_block.fn.norm, nn.LayerNorm
+    )
+    with pytest.raises(ResidualError, match="batch_first=True"):
+        TransformerEncoderLayer(16, 4, batch_first=False)
+    with pytest.raises(ResidualError, match="nhead=3 must divide d_model=16"):
+        TransformerEncoderLayer(16, 3)
+    with pytest.raises(ResidualError, match=r"key_padding_mask of shape \(2, 4\) does not fit"):
+        layer(torch.randn(2, 5, 16), src_key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ResidualError, match=r"expected input \(batch, length, 16\)"):
+        layer(torch.randn(2, 5, 8))
+    with pytest.raises(TypeError, match="expected torch.nn.TransformerEncoderLayer"):
+        TransformerEncoderLayer.from_torch(nn.Linear(2, 2))
+
+
+def test_gpt_block_is_causal_prenorm() -> None:
+    block = gpt_block(16, 2).eval()
+    assert all(isinstance(m, Residual) and m.post is None for m in block)
+    x = torch.randn(1, 6, 16)
+    y = block(x)
+    x2 = x.clone()
+    x2[:, 4:] = torch.randn(1, 2, 16)  # changing the future leaves the past alone
+    torch.testing.assert_close(block(x2)[:, :4], y[:, :4])
+
+
+def test_causal_lm_shapes_and_errors() -> None:
+    lm = CausalTransformerLM(30, d_model=16, nhead=2, num_layers=2, max_len=8)
+    assert lm(torch.randint(0, 30, (2, 8))).shape == (2, 8, 30)
+    with pytest.raises(ResidualError, match="length <= 8"):
+        lm(torch.randint(0, 30, (2, 9)))
+
+
+def test_residual_lstm_matches_hand_written_stack() -> None:
+    model = ResidualLSTM(8, 8, num_layers=3, residual_from=1)
+    x = torch.randn(2, 5, 8)
+    out, (h, c) = model(x)
+    l0, l1, l2 = model.layers[0], model.layers[1].fn, model.layers[2].fn
+    y0, (h0, c0) = l0(x)
+    y1, (h1, c1) = l1(y0)
+    y1 = y0 + y1
+    y2, (h2, c2) = l2(y1)
+    torch.testing.assert_close(out, y1 + y2)
+    torch.testing.assert_close(h, torch.cat([h0, h1, h2]))
+    torch.testing.assert_close(c, torch.cat([c0, c1, c2]))
+    out2, _ = model(x, (h, c))  # an initial state in the same layout
+    assert out2.shape == out.shape
+
+
+def test_residual_lstm_gnmt_layout() -> None:
+    model = ResidualLSTM(
+        10, 16, num_layers=4, residual_from=2, bidirectional_first=True, dropout=0.1
+    )
+    assert [type(m).__name__ for m in model.layers] == ["LSTM", "LSTM", "Residual", "Residual"]
+    out, (h, c) = model(torch.randn(3, 7, 10))
+    assert out.shape == (3, 7, 16) and h.shape == (5, 3, 16) and c.shape == (5, 3, 16)
+    with pytest.raises(ResidualError, match="residual_from >= 2"):
+        ResidualLSTM(10, 16, num_layers=3, residual_from=1, bidirectional_first=True)
+    with pytest.raises(ResidualError, match="layer 0 maps 10 -> 16"):
+        ResidualLSTM(10, 16, residual_from=0)
+
+
+def test_residual_mlp_and_mixer() -> None:
+    mlp = ResidualMLP(64, 10, dim=32, depth=3)
+    assert sum(isinstance(m, Residual) for m in mlp.modules()) == 3
+    assert mlp(torch.randn(5, 64)).shape == (5, 10)
+    mixer = MLPMixer(8, 2, 1, dim=32, depth=2, num_classes=10)
+    assert sum(isinstance(m, Residual) for m in mixer.modules()) == 4
+    assert mixer(torch.randn(5, 1, 8, 8)).shape == (5, 10)
+    token_mixing = mixer.blocks[0]
+    assert type(token_mixing.fn[1]).__name__ == "Rearrange"
+    with pytest.raises(ResidualError, match=r"expected images \(N, 1, 8, 8\)"):
+        mixer(torch.randn(5, 3, 8, 8))
+    with pytest.raises(ResidualError, match="patch_size=3 must divide image_size=8"):
+        MLPMixer(8, 3, 1)
