@@ -1,0 +1,50 @@
+"""The examples run (tiny settings): they are the first thing a new user executes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+pytest.importorskip("sklearn", reason="examples need the 'examples' extra (scikit-learn)")
+pytest.importorskip("tqdm", reason="examples need the 'examples' extra (tqdm)")
+
+
+def test_quickstart_prints_the_shapes(capsys: pytest.CaptureFixture[str]) -> None:
+    import quickstart
+
+    quickstart.main()
+    out = capsys.readouterr().out
+    assert "input (8, 64, 32, 32) -> output (8, 64, 32, 32)" in out
+    for title in ("conv:", "MLP:", "LSTM:", "attention:"):
+        assert title in out
+    assert out.count("Total params") == 4
+
+
+@pytest.mark.parametrize("model", ["resnet", "preact", "lstm", "transformer", "mixer", "mlp"])
+def test_train_digits_one_epoch(model: str, tmp_path: Path) -> None:
+    import train_digits
+
+    out = tmp_path / f"{model}.pt"
+    acc, _ = train_digits.train(model, epochs=1, out=out, progress=False, summary=False)
+    assert 0.0 <= acc <= 1.0
+    state = torch.load(out, weights_only=True)
+    fresh = train_digits.SETTINGS[model][0]()
+    fresh.load_state_dict(state)
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically
+
+
+def test_char_lm_runs() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "char_lm.py"), "--steps", "3", "--no-progress",
+         "--model", "lstm"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    assert "bits/char (unigram baseline" in result.stdout
+    assert "sample:" in result.stdout
