@@ -21,7 +21,7 @@ from residual._types import DropMode
 from residual.drop import DROP_MODES, batch_keep, check_drop_rate, row_mask
 from residual.errors import ResidualError
 from residual.merges import merge_dim
-from residual.shortcuts import SHORTCUTS, IdentityShortcut, is_identity, resolve_shortcut
+from residual.shortcuts import SHORTCUTS, IdentityShortcut, resolve_shortcut
 
 __all__ = ["Residual"]
 
@@ -126,14 +126,12 @@ class Residual(nn.Module):
         dims = infer_branch_dims(fn)
         self.fn = fn
         self.shortcut = self._build_shortcut(shortcut, dims)
-        self.merge = merge
-        self.post = post
-        self.pre = pre
+        self.register_module("merge", merge)  # registered even when None: see forward
+        self.register_module("post", post)
+        self.register_module("pre", pre)
         self._check_merge(merge, dims)
         self.checkpoint = bool(checkpoint)
         self.residual_in_fp32 = bool(residual_in_fp32)
-        self._identity = is_identity(self.shortcut)
-        self._branch_has_buffers = any(True for _ in fn.buffers())
         self._channel_dim = 1 if (dims is None or dims.layout == "channels_first") else -1
         self.register_buffer("drop_rate", torch.tensor(0.0), persistent=False)
         self.drop_path = 0.0
@@ -205,36 +203,42 @@ class Residual(nn.Module):
         self._drop_active = rate > 0.0
 
     # --------------------------------------------------------------------------------- forward
+    # Submodules are read from ``self._modules`` directly: ``nn.Module.__getattr__`` costs about
+    # half a microsecond a lookup, which is most of a small block's overhead.
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         if not isinstance(x, Tensor):
             raise TypeError(
                 f"Residual: the first argument must be the main tensor, got {type(x).__name__}; "
                 "call block(x, *args, **kwargs)"
             )
-        if self.pre is not None:
-            x = self.pre(x)
-        if self._drop_active and self.training:
+        modules = self._modules
+        pre = modules["pre"]
+        if pre is not None:
+            x = pre(x)
+        dropping = self._drop_active and self.training
+        if dropping and self.drop_mode != "row":
             if self.drop_mode == "batch":
                 return self._forward_batch_drop(x, args, kwargs)
-            if self.drop_mode == "subset":
-                return self._forward_subset(x, args, kwargs)
+            return self._forward_subset(x, args, kwargs)
+        fn: nn.Module = modules["fn"]  # type: ignore[assignment]
         if self.checkpoint and self.training and torch.is_grad_enabled():
-            out = checkpointed_call(self.fn, x, args, kwargs)
+            out = checkpointed_call(fn, x, args, kwargs)
         else:
-            out = self.fn(x, *args, **kwargs)
-        rest: tuple[Any, ...] | None = None
-        if not isinstance(out, Tensor):
+            out = fn(x, *args, **kwargs)
+        if type(out) is not Tensor and not isinstance(out, Tensor):
             out, rest = self._split(out)
-        if self._drop_active and self.training:
+            if dropping:
+                out = out * row_mask(out, self.drop_rate)
+            return (self._merge(self._shortcut(x), out), *rest)
+        if dropping:
             out = out * row_mask(out, self.drop_rate)
-        y = self._merge(self._shortcut(x), out)
-        return y if rest is None else (y, *rest)
+        return self._merge(self._shortcut(x), out)
 
     def _shortcut(self, x: Tensor) -> Tensor:
-        sc = self.shortcut
-        if self._identity and not (sc._forward_hooks or sc._forward_pre_hooks):
+        sc = self._modules["shortcut"]
+        if type(sc) is IdentityShortcut and not (sc._forward_hooks or sc._forward_pre_hooks):
             return x  # skip an empty module call; hooks (torchinfo) still see the identity run
-        return sc(x)
+        return sc(x)  # type: ignore[misc]
 
     def _merge(self, s: Tensor, out: Tensor) -> Tensor:
         """The one place where shortcut and branch meet; shapes must match exactly."""
@@ -243,8 +247,10 @@ class Residual(nn.Module):
         if self.residual_in_fp32:
             s = s.float()
             out = out.float()
-        y = s + out if self.merge is None else self.merge(s, out)
-        return y if self.post is None else self.post(y)
+        modules = self._modules
+        merge, post = modules["merge"], modules["post"]
+        y = s + out if merge is None else merge(s, out)
+        return y if post is None else post(y)
 
     def _split(self, out: Any) -> tuple[Tensor, tuple[Any, ...]]:
         if isinstance(out, tuple) and out and isinstance(out[0], Tensor):
@@ -278,7 +284,7 @@ class Residual(nn.Module):
 
         if torch.compiler.is_compiling():
             pred = torch.rand((), device=x.device) < keep
-            if self._branch_has_buffers:
+            if any(True for _ in self.fn.buffers()):
                 # torch.cond forbids the buffer updates of a norm in training: mask instead.
                 return self._merge(s, self._tensor_branch(x, args, kwargs) * (pred / keep))
             return torch.cond(pred, run, skip, (x, s))

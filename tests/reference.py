@@ -116,3 +116,67 @@ class TorchvisionResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(self.avgpool(x).flatten(1))
+
+
+class PadShortcut(nn.Module):
+    """Option A by hand: every second pixel, zero channels appended."""
+
+    def __init__(self, extra: int) -> None:
+        super().__init__()
+        self.extra = extra
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 0, self.extra))
+
+
+class CifarBlock(nn.Module):
+    def __init__(self, inplanes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or inplanes != planes:
+            self.shortcut = PadShortcut(planes - inplanes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = nn.functional.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return nn.functional.relu(out + self.shortcut(x))
+
+
+class HandCifarResNet(nn.Module):
+    """He et al. 2015's CIFAR ResNet (option A), written the usual way."""
+
+    def __init__(self, depth: int, num_classes: int = 10) -> None:
+        super().__init__()
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        layers: list[nn.Sequential] = []
+        inplanes = 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(CifarBlock(inplanes, planes, stride if i == 0 else 1))
+                inplanes = planes
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = nn.functional.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def hand_cifar_to_ours(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename a HandCifarResNet state_dict to cifar_resnet's keys."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0].startswith("layer") and parts[2] in ("conv1", "bn1", "conv2", "bn2"):
+            key = ".".join([parts[0], parts[1], "fn", *parts[2:]])
+        out[key] = value
+    return out

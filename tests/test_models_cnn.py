@@ -160,3 +160,16 @@ def test_wrong_input_rank_or_channels() -> None:
         resnet18()(torch.randn(3, 64, 64))
     with pytest.raises(ResidualError, match=r"\(N, 3, H, W\), got \(2, 1, 32, 32\)"):
         cifar_resnet(20)(torch.randn(2, 1, 32, 32))
+
+
+def test_cifar_resnet_equals_a_hand_written_one() -> None:
+    from reference import HandCifarResNet, hand_cifar_to_ours
+
+    ref = HandCifarResNet(20)
+    ours = cifar_resnet(20)
+    ours.load_state_dict(hand_cifar_to_ours(ref.state_dict()))
+    x = torch.randn(4, 3, 32, 32)
+    for train in (True, False):
+        ref.train(train)
+        ours.train(train)
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)

@@ -154,3 +154,23 @@ def test_residual_mlp_and_mixer() -> None:
         mixer(torch.randn(5, 3, 8, 8))
     with pytest.raises(ResidualError, match="patch_size=3 must divide image_size=8"):
         MLPMixer(8, 3, 1)
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_eval_composed_and_fused_paths_agree(norm_first: bool) -> None:
+    layer = TransformerEncoderLayer(32, 4, 64, dropout=0.0, norm_first=norm_first).eval()
+    x = torch.randn(2, 6, 32)
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[1, -2:] = True
+    assert not layer._fused_inference_ok(x)  # grad enabled, parameters need grad: composed
+    composed = layer(x, src_key_padding_mask=padding)
+    causal = layer(x, is_causal=True)
+    with torch.inference_mode():
+        assert layer._fused_inference_ok(x)
+        fused = layer(x, src_key_padding_mask=padding)
+        fused_causal = layer(x, is_causal=True)
+    torch.testing.assert_close(fused, composed, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_causal, causal, atol=1e-5, rtol=1e-5)
+    layer.self_attn_block.register_forward_hook(lambda *a: None)
+    with torch.inference_mode():
+        assert not layer._fused_inference_ok(x)  # hooks see the composed path

@@ -19,7 +19,8 @@ from residual._types import check_positive_int
 from residual.core import Residual
 from residual.drop import check_drop_rate
 from residual.errors import ResidualError
-from residual.models.attention import AttentionBranch, FeedForward, SelfAttention
+from residual._compat import HAS_FUSED_ENCODER_LAYER, fused_encoder_layer
+from residual.models.attention import AttentionBranch, FeedForward, SelfAttention, attention_mask
 
 __all__ = ["CausalTransformerLM", "TransformerEncoderLayer", "gpt_block"]
 
@@ -96,10 +97,68 @@ class TransformerEncoderLayer(nn.Module):
         src_key_padding_mask: Tensor | None = None,
         is_causal: bool = False,
     ) -> Tensor:
+        if not self.training and self._fused_inference_ok(src):
+            return self._fused_inference(src, src_mask, src_key_padding_mask, is_causal)
         x = self.self_attn_block(
             src, attn_mask=src_mask, key_padding_mask=src_key_padding_mask, is_causal=is_causal
         )
         return self.ff_block(x)
+
+    def _fused_inference_ok(self, src: Tensor) -> bool:
+        """The conditions of torch's own fast path: inference, plain modules, no hooks."""
+        if not HAS_FUSED_ENCODER_LAYER or src.dim() != 3 or torch.is_autocast_enabled():
+            return False
+        attn_branch = cast(AttentionBranch, self.self_attn_block.fn)
+        ff = cast(FeedForward, self.ff_block.fn)
+        attention = attn_branch.attention
+        if attention.in_proj.bias is None or attention.nhead % 2 or src.is_nested:
+            return False
+        act = ff.activation
+        if type(act) is not nn.ReLU and not (type(act) is nn.GELU and act.approximate == "none"):
+            return False
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return False
+        blocks = (self.self_attn_block, self.ff_block)
+        if any(b.merge is not None or b.residual_in_fp32 for b in blocks):
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
+
+    def _fused_inference(
+        self,
+        src: Tensor,
+        src_mask: Tensor | None,
+        src_key_padding_mask: Tensor | None,
+        is_causal: bool,
+    ) -> Tensor:
+        attention = cast(AttentionBranch, self.self_attn_block.fn).attention
+        ff = cast(FeedForward, self.ff_block.fn)
+        n, length, _ = src.shape
+        if is_causal and src_mask is None:
+            src_mask = nn.Transformer.generate_square_subsequent_mask(
+                length, device=src.device, dtype=src.dtype
+            )
+        mask = attention_mask(src_mask, src_key_padding_mask, n, attention.nhead, length, src.dtype)
+        if mask is not None:
+            mask = mask.expand(n, attention.nhead, length, length)
+        norm1, norm2 = self._norm(1), self._norm(2)
+
+        def pair(m: nn.Module) -> tuple[Tensor, Tensor]:
+            return m.weight, m.bias  # type: ignore[return-value]
+
+        return fused_encoder_layer(
+            src,
+            attention.nhead,
+            pair(attention.in_proj),
+            pair(attention.out_proj),
+            pair(ff.linear1),
+            pair(ff.linear2),
+            pair(norm1),
+            pair(norm2),
+            cast(nn.LayerNorm, norm1).eps,
+            type(ff.activation) is nn.GELU,
+            self.norm_first,
+            mask,
+        )
 
     @classmethod
     def from_torch(cls, layer: nn.TransformerEncoderLayer) -> TransformerEncoderLayer:
