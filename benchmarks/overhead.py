@@ -61,8 +61,9 @@ def cases(selected: list[str]) -> list[Case]:
             )
             ours = TransformerEncoderLayer.from_torch(ref)
             kind = "pre" if norm_first else "post"
-            out.append(Case(f"transformer {kind}-norm d256 L64 b16", ours, ref,
-                            torch.randn(16, 64, 256)))
+            out.append(
+                Case(f"transformer {kind}-norm d256 L64 b16", ours, ref, torch.randn(16, 64, 256))
+            )
     if "micro" in selected:
         ref = HandResidualLinear()
         ours = Residual(copy.deepcopy(ref.lin))
@@ -98,7 +99,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds, smaller set")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile pairs")
     parser.add_argument(
-        "--cases", nargs="+", default=["resnet18", "cifar56", "transformer", "micro"],
+        "--cases",
+        nargs="+",
+        default=["resnet18", "cifar56", "transformer", "micro"],
         choices=["resnet18", "cifar56", "transformer", "micro"],
     )
     parser.add_argument("--rounds", type=int, default=None)
@@ -119,14 +122,31 @@ def main() -> None:
                 calls = (200 if micro else 3) if args.quick else (1000 if micro else 6)
                 t = interleaved(
                     {"ours": make(ours, case.input), "baseline": make(base, case.input)},
-                    rounds=rounds, calls=calls,
+                    rounds=rounds,
+                    calls=calls,
                 )
                 ratio = t["ours"].median / t["baseline"].median
-                rows.append([case.name, mode, phase, ms(t["ours"].median),
-                             ms(t["baseline"].median), f"{ratio:.3f}"])
-                results.append({"case": case.name, "mode": mode, "phase": phase,
-                                "ours_s": t["ours"].median, "baseline_s": t["baseline"].median,
-                                "ratio": ratio, "rounds": {k: v.rounds for k, v in t.items()}})
+                rows.append(
+                    [
+                        case.name,
+                        mode,
+                        phase,
+                        ms(t["ours"].median),
+                        ms(t["baseline"].median),
+                        f"{ratio:.3f}",
+                    ]
+                )
+                results.append(
+                    {
+                        "case": case.name,
+                        "mode": mode,
+                        "phase": phase,
+                        "ours_s": t["ours"].median,
+                        "baseline_s": t["baseline"].median,
+                        "ratio": ratio,
+                        "rounds": {k: v.rounds for k, v in t.items()},
+                    }
+                )
                 print_table(["case", "mode", "phase", "ours ms", "baseline ms", "ratio"], rows[-1:])
     print()
     print_table(["case", "mode", "phase", "ours ms", "baseline ms", "ratio"], rows)

@@ -53,7 +53,9 @@ class CharLSTM(nn.Module):
         return self.head(self.lstm(self.embed(idx))[0])
 
 
-def batches(data: Tensor, context: int, batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def batches(
+    data: Tensor, context: int, batch: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
     starts = torch.randint(0, len(data) - context - 1, (batch,), generator=generator)
     x = torch.stack([data[s : s + context] for s in starts.tolist()])
     y = torch.stack([data[s + 1 : s + context + 1] for s in starts.tolist()])

@@ -124,8 +124,13 @@ def save_atomically(state: dict[str, Tensor], path: Path) -> None:
 
 
 def train(
-    name: str, *, epochs: int | None = None, seed: int = 0, out: Path | None = None,
-    progress: bool = True, summary: bool = True,
+    name: str,
+    *,
+    epochs: int | None = None,
+    seed: int = 0,
+    out: Path | None = None,
+    progress: bool = True,
+    summary: bool = True,
 ) -> tuple[float, float]:
     """Train one model; returns (test accuracy, seconds)."""
     torch.manual_seed(seed)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 from residual._types import Layout, ModuleFactory, check_layout, check_positive_int
@@ -35,6 +36,7 @@ SHORTCUTS: tuple[str, ...] = ("identity", "projection", "zero_pad", "pooled_proj
 
 _CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BATCH_NORMS: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 _AVG_POOLS: dict[int, type[nn.Module]] = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 
 
@@ -202,13 +204,17 @@ class ZeroPadShortcut(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_channels(type(self).__name__, x, self.in_channels, self.layout)
-        x = _subsample(x, self.stride, self.layout)
+        sub = _subsample(x, self.stride, self.layout)
         if self._before == 0 and self._after == 0:
-            return x
+            return sub
         if self.layout == "channels_last":
-            return nn.functional.pad(x, (self._before, self._after))
+            return nn.functional.pad(sub, (self._before, self._after))
         # pad's spec runs from the last dim backwards: (0, 0) for each spatial dim, then channels.
-        return nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (self._before, self._after))
+        out = nn.functional.pad(sub, (0, 0) * (x.dim() - 2) + (self._before, self._after))
+        fmt = _CHANNELS_LAST.get(x.dim())
+        if fmt is not None and x.is_contiguous(memory_format=fmt):
+            return out.contiguous(memory_format=fmt)  # keep channels_last (odd sizes lose it)
+        return out
 
     def extra_repr(self) -> str:
         return (

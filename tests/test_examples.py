@@ -42,9 +42,19 @@ def test_train_digits_one_epoch(model: str, tmp_path: Path) -> None:
 
 def test_char_lm_runs() -> None:
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "char_lm.py"), "--steps", "3", "--no-progress",
-         "--model", "lstm"],
-        capture_output=True, text=True, timeout=300, check=True,
+        [
+            sys.executable,
+            str(ROOT / "examples" / "char_lm.py"),
+            "--steps",
+            "3",
+            "--no-progress",
+            "--model",
+            "lstm",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
     )
     assert "bits/char (unigram baseline" in result.stdout
     assert "sample:" in result.stdout

@@ -1,0 +1,134 @@
+"""torch.export for every zoo model and the Residual kinds; ONNX through onnxruntime."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MySelfAttention
+from torch import nn
+
+from residual import Residual, ResidualBlock
+from residual.models import (
+    CausalTransformerLM,
+    MLPMixer,
+    ResidualLSTM,
+    ResidualMLP,
+    TransformerEncoderLayer,
+    cifar_resnet,
+    gpt_block,
+    resnet18,
+    resnet50,
+)
+
+PADDING = torch.tensor([[False] * 5, [False, False, False, True, True]])
+
+
+def _export_cases() -> list:
+    return [
+        pytest.param(
+            lambda: cifar_resnet(20), (torch.randn(2, 3, 32, 32),), {}, id="cifar_resnet20"
+        ),
+        pytest.param(
+            lambda: cifar_resnet(20, preact=True),
+            (torch.randn(2, 3, 32, 32),),
+            {},
+            id="cifar_preact20",
+        ),
+        pytest.param(resnet18, (torch.randn(1, 3, 64, 64),), {}, id="resnet18"),
+        pytest.param(
+            lambda: resnet50(avg_down=True), (torch.randn(1, 3, 64, 64),), {}, id="resnet50-D"
+        ),
+        pytest.param(
+            lambda: TransformerEncoderLayer(32, 4, 64),
+            (torch.randn(2, 5, 32),),
+            {"src_key_padding_mask": PADDING},
+            id="TransformerEncoderLayer",
+        ),
+        pytest.param(lambda: gpt_block(16, 2), (torch.randn(2, 5, 16),), {}, id="gpt_block"),
+        pytest.param(
+            lambda: CausalTransformerLM(20, 16, 2, 2, 8),
+            (torch.randint(0, 20, (2, 8)),),
+            {},
+            id="CausalTransformerLM",
+        ),
+        pytest.param(lambda: ResidualLSTM(8, 8, 3), (torch.randn(2, 5, 8),), {}, id="ResidualLSTM"),
+        pytest.param(
+            lambda: ResidualMLP(16, 4, dim=16, depth=2), (torch.randn(3, 16),), {}, id="ResidualMLP"
+        ),
+        pytest.param(
+            lambda: MLPMixer(8, 2, 1, dim=16, depth=2),
+            (torch.randn(2, 1, 8, 8),),
+            {},
+            id="MLPMixer",
+        ),
+        pytest.param(
+            lambda: Residual(
+                nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+            ),
+            (torch.randn(3, 16),),
+            {},
+            id="Residual-mlp",
+        ),
+        pytest.param(
+            lambda: Residual(MySelfAttention(16, 4)),
+            (torch.randn(2, 5, 16),),
+            {"key_padding_mask": PADDING},
+            id="Residual-attention-mask-kwarg",
+        ),
+        pytest.param(
+            lambda: Residual(nn.LSTM(8, 8, batch_first=True)),
+            (torch.randn(2, 5, 8),),
+            {},
+            id="Residual-lstm-tuple",
+        ),
+        pytest.param(
+            lambda: ResidualBlock(8, 16, 2, shortcut="zero_pad"),
+            (torch.randn(2, 8, 7, 7),),
+            {},
+            id="ResidualBlock-zero-pad",
+        ),
+    ]
+
+
+def _first(out: object) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(("build", "args", "kwargs"), _export_cases())
+def test_torch_export_in_eval(build, args, kwargs) -> None:
+    model = build().eval()
+    program = torch.export.export(model, args, kwargs)
+    with torch.no_grad():
+        expected = model(*args, **kwargs)
+        got = program.module()(*args, **kwargs)
+    torch.testing.assert_close(_first(got), _first(expected), atol=1e-5, rtol=1e-5)
+    if isinstance(expected, tuple):  # the passed-through states survive export too
+        torch.testing.assert_close(got[1][0], expected[1][0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("build", "shape"),
+    [
+        pytest.param(resnet18, (1, 3, 64, 64), id="resnet18"),
+        pytest.param(lambda: cifar_resnet(20), (2, 3, 32, 32), id="cifar_resnet20"),
+        pytest.param(
+            lambda: TransformerEncoderLayer(32, 4, 64), (2, 5, 32), id="TransformerEncoderLayer"
+        ),
+    ],
+)
+def test_onnx_export_runs_in_onnxruntime(build, shape, tmp_path) -> None:
+    pytest.importorskip("onnx", reason="needs the 'onnx' extra: pip install -e '.[onnx]'")
+    pytest.importorskip("onnxscript", reason="needs the 'onnx' extra: pip install -e '.[onnx]'")
+    ort = pytest.importorskip(
+        "onnxruntime", reason="needs the 'onnx' extra: pip install -e '.[onnx]'"
+    )
+    model = build().eval()
+    x = torch.randn(shape)
+    program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
+    path = tmp_path / "model.onnx"
+    program.save(str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = model(x)
+    assert abs(torch.from_numpy(out) - expected).max() <= 1e-4
