@@ -3,9 +3,9 @@
     python examples/train_digits.py                   # the CIFAR-style ResNet-20
     python examples/train_digits.py --model transformer
 
-Models: resnet (cifar_resnet(20)), preact (its pre-activation twin), lstm (ResidualLSTM over the
-image rows), transformer (TransformerEncoderLayer over overlapping 4x4 patches), mixer (MLPMixer), mlp
-(ResidualMLP). Prints the torchinfo summary first and the test accuracy last; saves the
+Models: resnet (cifar_resnet(20)), preact (its pre-activation twin), lstm (ResidualLSTM over
+the image rows), transformer (TransformerEncoderLayer over overlapping 4x4 patches), mixer
+(MLPMixer), mlp (ResidualMLP). Prints the torchinfo summary first and the test accuracy last; saves the
 state_dict atomically to checkpoints/digits_<model>.pt.
 """
 
@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 import torchinfo
+from einops.layers.torch import Rearrange
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from einops.layers.torch import Rearrange
 from residual.models import (
     MLPMixer,
     ResidualLSTM,

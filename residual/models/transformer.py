@@ -15,11 +15,11 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
+from residual._compat import HAS_FUSED_ENCODER_LAYER, fused_encoder_layer
 from residual._types import check_positive_int
 from residual.core import Residual
 from residual.drop import check_drop_rate
 from residual.errors import ResidualError
-from residual._compat import HAS_FUSED_ENCODER_LAYER, fused_encoder_layer
 from residual.models.attention import AttentionBranch, FeedForward, SelfAttention, attention_mask
 
 __all__ = ["CausalTransformerLM", "TransformerEncoderLayer", "gpt_block"]
