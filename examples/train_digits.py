@@ -5,8 +5,8 @@
 
 Models: resnet (cifar_resnet(20)), preact (its pre-activation twin), lstm (ResidualLSTM over
 the image rows), transformer (TransformerEncoderLayer over overlapping 4x4 patches), mixer
-(MLPMixer), mlp (ResidualMLP). Prints the torchinfo summary first and the test accuracy last; saves the
-state_dict atomically to checkpoints/digits_<model>.pt.
+(MLPMixer), mlp (ResidualMLP). Prints the torchinfo summary first and the test accuracy last;
+saves the state_dict atomically to checkpoints/digits_<model>.pt.
 """
 
 from __future__ import annotations
