@@ -106,13 +106,19 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.manual_seed(0)
-    info = print_header("overhead: ours vs hand-written, same weights (ratio = ours / baseline)")
+    info = print_header(
+        f"overhead on {args.device}: ours vs hand-written, same weights (ratio = ours / baseline)"
+    )
     rounds = args.rounds or (5 if args.quick else 15)
     modes = ["eager"] + (["compiled"] if args.compile else [])
     rows, results = [], []
     for case in cases(args.cases):
+        case.ours.to(args.device)
+        case.baseline.to(args.device)
+        case.input = case.input.to(args.device)
         micro = case.name.startswith("micro")
         for mode in modes:
             ours, base = case.ours, case.baseline

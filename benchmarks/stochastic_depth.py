@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--p-last", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     depth, batch = (20, 32) if args.quick else (args.depth, args.batch)
     rounds = args.rounds or (4 if args.quick else 6)
@@ -49,10 +50,10 @@ def main() -> None:
     set_drop_seed(0)
     info = print_header(
         f"stochastic depth: cifar_resnet({depth}) train step, 32x32, batch {batch}, "
-        f"linear decay to p_L={args.p_last}"
+        f"linear decay to p_L={args.p_last}, {args.device}"
     )
-    x = torch.randn(batch, 3, 32, 32)
-    y = torch.randint(0, 10, (batch,))
+    x = torch.randn(batch, 3, 32, 32, device=args.device)
+    y = torch.randint(0, 10, (batch,), device=args.device)
     base = cifar_resnet(depth)
     steps: dict[str, Callable[[], None]] = {}
     for mode in ("none", "row", "batch", "subset"):
@@ -62,7 +63,7 @@ def main() -> None:
             drop_mode="row" if mode == "none" else mode,
         )
         model.load_state_dict(base.state_dict())
-        steps[mode] = train_step(model.train(), x, y)
+        steps[mode] = train_step(model.to(args.device).train(), x, y)
     t = interleaved(steps, rounds=rounds, calls=2 if args.quick else 4, warmup=2)
     none = t["none"].median
     rows = [[m, ms(t[m].median), f"{t[m].median / none:.3f}"] for m in steps]
