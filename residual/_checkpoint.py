@@ -1,8 +1,8 @@
 """Activation checkpointing of a branch, with norm statistics updated once (private).
 
 Plain ``torch.utils.checkpoint`` re-runs the branch in backward, so a BatchNorm in training mode
-updates its running statistics twice per step. Here the recomputation runs inside a context that
-saves the running statistics before and puts them back after, so they move exactly once.
+updates its running statistics twice per step. Here the recomputation runs with the norms'
+momentum at 0, so their statistics move exactly once.
 """
 
 from __future__ import annotations
@@ -19,27 +19,35 @@ from torch.utils.checkpoint import checkpoint
 
 
 class _FrozenNormStats:
-    """Puts the running statistics of ``module``'s norms back as they were on entry.
+    """While active, the norms of ``module`` leave their running statistics as they are.
 
-    Reusable: backward may recompute more than once (``retain_graph``, gradcheck).
+    Their momentum is set to 0 (the update then keeps the old values exactly) and only
+    ``num_batches_tracked`` is saved and put back; a norm with ``momentum=None`` (cumulative
+    average) has its statistics saved and restored too. The recomputed graph is the forward's,
+    as checkpointing requires. Reusable: backward may recompute more than once.
     """
 
     def __init__(self, module: nn.Module) -> None:
-        self.buffers = [
-            buf
-            for m in module.modules()
-            if isinstance(m, _NormBase) and m.track_running_stats
-            for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
-            if buf is not None
+        self.norms = [
+            m for m in module.modules() if isinstance(m, _NormBase) and m.track_running_stats
         ]
-        self.saved: list[Tensor] = []
+        self.saved: list[tuple[Tensor, Tensor]] = []
+        self.momenta: list[float | None] = []
 
     def __enter__(self) -> None:
-        self.saved = [buf.clone() for buf in self.buffers]
+        self.momenta = [m.momentum for m in self.norms]
+        for m in self.norms:
+            buffers = [m.num_batches_tracked]
+            if m.momentum is None:
+                buffers += [m.running_mean, m.running_var]
+            self.saved += [(b, b.clone()) for b in buffers if b is not None]
+            m.momentum = 0.0
 
     def __exit__(self, *exc: object) -> None:
+        for m, momentum in zip(self.norms, self.momenta, strict=True):
+            m.momentum = momentum
         with torch.no_grad():
-            for buf, value in zip(self.buffers, self.saved, strict=True):
+            for buf, value in self.saved:
                 buf.copy_(value)
         self.saved = []
 

@@ -105,6 +105,7 @@ class Residual(nn.Module):
     post: nn.Module | None
     pre: nn.Module | None
     drop_rate: Tensor
+    keep_rate: Tensor
 
     def __init__(
         self,
@@ -134,6 +135,7 @@ class Residual(nn.Module):
         self.residual_in_fp32 = bool(residual_in_fp32)
         self._channel_dim = 1 if (dims is None or dims.layout == "channels_first") else -1
         self.register_buffer("drop_rate", torch.tensor(0.0), persistent=False)
+        self.register_buffer("keep_rate", torch.tensor(1.0), persistent=False)
         self.drop_path = 0.0
         self.drop_mode: DropMode = "row"
         self.set_drop_path(drop_path, mode=drop_mode)
@@ -198,6 +200,7 @@ class Residual(nn.Module):
             )
         with torch.no_grad():
             self.drop_rate.fill_(rate)
+            self.keep_rate.fill_(1.0 - rate)
         self.drop_path = rate
         self.drop_mode = mode  # type: ignore[assignment]
         self._drop_active = rate > 0.0
@@ -228,10 +231,10 @@ class Residual(nn.Module):
         if type(out) is not Tensor and not isinstance(out, Tensor):
             out, rest = self._split(out)
             if dropping:
-                out = out * row_mask(out, self.drop_rate)
+                out = out * row_mask(out, self.keep_rate)
             return (self._merge(self._shortcut(x), out), *rest)
         if dropping:
-            out = out * row_mask(out, self.drop_rate)
+            out = out * row_mask(out, self.keep_rate)
         return self._merge(self._shortcut(x), out)
 
     def _shortcut(self, x: Tensor) -> Tensor:
@@ -274,7 +277,7 @@ class Residual(nn.Module):
     ) -> Tensor:
         """Huang et al.: drop the branch for the whole batch; its compute is skipped."""
         s = self._shortcut(x)
-        keep = 1.0 - self.drop_rate
+        keep = self.keep_rate
 
         def run(x: Tensor, s: Tensor) -> Tensor:
             return self._merge(s, self._tensor_branch(x, args, kwargs) / keep)

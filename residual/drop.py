@@ -70,18 +70,20 @@ def check_drop_rate(caller: str, p: object) -> float:
     return float(p)
 
 
-def row_mask(branch: Tensor, rate: Tensor) -> Tensor:
-    """A (N, 1, ..., 1) mask of 0 and ``1 / (1 - rate)``, one draw per sample along dim 0.
+def row_mask(branch: Tensor, keep: Tensor) -> Tensor:
+    """A (N, 1, ..., 1) mask of 0 and ``1 / keep``, one draw per sample along dim 0.
+
+    ``keep`` is the keep probability ``1 - p`` (a tensor, so that changing it recompiles
+    nothing). Two kernels: a Bernoulli draw and a division.
 
     >>> import torch
-    >>> m = row_mask(torch.ones(1000, 3), torch.tensor(0.25))
+    >>> m = row_mask(torch.ones(1000, 3), torch.tensor(0.75))
     >>> m.shape, sorted({round(v, 4) for v in m.flatten().tolist()})
     (torch.Size([1000, 1]), [0.0, 1.3333])
     """
     shape = (branch.shape[0],) + (1,) * (branch.dim() - 1)
-    keep = 1.0 - rate
-    noise = torch.rand(shape, dtype=branch.dtype, device=branch.device)
-    return (noise < keep).to(branch.dtype) / keep
+    mask = torch.empty(shape, dtype=branch.dtype, device=branch.device)
+    return mask.bernoulli_(keep).div_(keep)
 
 
 def drop_path(x: Tensor, p: float | Tensor, training: bool = True) -> Tensor:
@@ -97,7 +99,7 @@ def drop_path(x: Tensor, p: float | Tensor, training: bool = True) -> Tensor:
     if not training:
         return x
     rate = p if isinstance(p, Tensor) else torch.tensor(check_drop_rate("drop_path", p))
-    return x * row_mask(x, rate.to(x.device))
+    return x * row_mask(x, (1.0 - rate).to(x.device))
 
 
 def linear_drop_rates(p_last: float, num_blocks: int) -> list[float]:

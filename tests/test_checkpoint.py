@@ -107,3 +107,19 @@ def test_gradcheck_subset_drop(checkpointed: bool) -> None:
 
     x = torch.randn(6, 3, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(fixed_draw, (x,))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_norm_statistics_once_for_both_momentum_kinds(momentum) -> None:
+    def branch() -> nn.Sequential:
+        return nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3, momentum=momentum))
+
+    plain, ckpt = Residual(branch()), Residual(branch(), checkpoint=True)
+    ckpt.load_state_dict(plain.state_dict())
+    for _ in range(3):
+        x = torch.randn(6, 3)
+        for model in (plain, ckpt):
+            model(x.clone().requires_grad_()).sum().backward()
+    for (name, a), b in zip(plain.named_buffers(), ckpt.buffers(), strict=True):
+        torch.testing.assert_close(b, a, msg=name)
+    assert ckpt.fn[1].momentum == momentum

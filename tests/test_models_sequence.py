@@ -174,3 +174,11 @@ def test_eval_composed_and_fused_paths_agree(norm_first: bool) -> None:
     layer.self_attn_block.register_forward_hook(lambda *a: None)
     with torch.inference_mode():
         assert not layer._fused_inference_ok(x)  # hooks see the composed path
+
+
+def test_from_torch_keeps_dtype_and_device() -> None:
+    ref = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).double()
+    ours = TransformerEncoderLayer.from_torch(ref)
+    assert all(p.dtype == torch.float64 for p in ours.parameters())
+    x = torch.randn(2, 3, 16, dtype=torch.float64)
+    assert (ours(x) - ref(x)).abs().max() < 1e-12

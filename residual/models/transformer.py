@@ -108,6 +108,8 @@ class TransformerEncoderLayer(nn.Module):
         """The conditions of torch's own fast path: inference, plain modules, no hooks."""
         if not HAS_FUSED_ENCODER_LAYER or src.dim() != 3 or torch.is_autocast_enabled():
             return False
+        if torch.compiler.is_compiling():  # inductor fuses the composed layer itself
+            return False
         attn_branch = cast(AttentionBranch, self.self_attn_block.fn)
         ff = cast(FeedForward, self.ff_block.fn)
         attention = attn_branch.attention
@@ -183,7 +185,7 @@ class TransformerEncoderLayer(nn.Module):
             True,
             layer.norm_first,
             layer.linear1.bias is not None,
-        )
+        ).to(device=attn.in_proj_weight.device, dtype=attn.in_proj_weight.dtype)
         theirs = {
             "in_proj.weight": attn.in_proj_weight,
             "in_proj.bias": attn.in_proj_bias,
