@@ -214,6 +214,11 @@ class Residual(nn.Module):
                 f"Residual: the first argument must be the main tensor, got {type(x).__name__}; "
                 "call block(x, *args, **kwargs)"
             )
+        if not (x.is_floating_point() or x.is_complex()):
+            raise TypeError(
+                f"Residual: the main tensor must be floating point, got {x.dtype}; convert it "
+                "(x.float()) or embed token ids first (nn.Embedding) and wrap what follows"
+            )
         modules = self._modules
         pre = modules["pre"]
         if pre is not None:

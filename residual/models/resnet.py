@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from residual._types import DropMode, ModuleFactory
 from residual.blocks import Bottleneck, ResidualBlock
 from residual.core import Residual
+from residual.errors import ResidualError
 from residual.models._stages import check_images, make_stages
 
 __all__ = [
@@ -70,6 +71,10 @@ class ResNet(nn.Module):
         checkpoint: bool = False,
     ) -> None:
         super().__init__()
+        if block not in ("basic", "bottleneck"):
+            raise ResidualError(f"ResNet: block must be 'basic' or 'bottleneck', got {block!r}")
+        if len(layers) != 4 or any(n < 1 for n in layers):
+            raise ResidualError(f"ResNet: layers must be 4 positive block counts, got {layers}")
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = norm_layer(64)
         self.relu = nn.ReLU(inplace=True)
