@@ -10,7 +10,7 @@ pre-activation of He et al. 2016's projection blocks).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,7 @@ from residual._types import DropMode
 from residual.drop import DROP_MODES, batch_keep, check_drop_rate, row_mask
 from residual.errors import ResidualError
 from residual.merges import merge_dim
-from residual.shortcuts import SHORTCUTS, IdentityShortcut, resolve_shortcut
+from residual.shortcuts import SHORTCUTS, IdentityShortcut, NoShortcut, resolve_shortcut
 
 __all__ = ["Residual"]
 
@@ -131,6 +131,8 @@ class Residual(nn.Module):
         self.register_module("post", post)
         self.register_module("pre", pre)
         self._check_merge(merge, dims)
+        if merge is not None and isinstance(self.shortcut, NoShortcut):
+            raise ResidualError("Residual: shortcut='none' adds nothing, so it takes no merge")
         self.checkpoint = bool(checkpoint)
         self.residual_in_fp32 = bool(residual_in_fp32)
         self._channel_dim = 1 if (dims is None or dims.layout == "channels_first") else -1
@@ -148,13 +150,15 @@ class Residual(nn.Module):
         if not isinstance(name, str) or name not in SHORTCUTS:
             return resolve_shortcut(name)  # raises, listing the valid names
         if dims is None:
-            if name == "identity":
-                return IdentityShortcut()
+            if name in ("identity", "none"):
+                return resolve_shortcut(name)
             raise ResidualError(
                 f"Residual: cannot read the channel counts of the branch to build shortcut "
                 f"{name!r} (no Linear, Conv, RNN or attention layer found); pass a module, "
                 "e.g. shortcut=ProjectionShortcut(in_channels, out_channels, stride=...)"
             )
+        if name == "none":
+            return NoShortcut()
         if name == "identity" and (dims.in_channels != dims.out_channels or dims.stride != 1):
             change = f"{dims.in_channels} -> {dims.out_channels} channels, stride {dims.stride}"
             raise ResidualError(
@@ -193,6 +197,11 @@ class Residual(nn.Module):
         (0.2, 'batch')
         """
         rate = check_drop_rate("Residual", p)
+        if rate > 0 and isinstance(self.shortcut, NoShortcut):
+            raise ResidualError(
+                "Residual: drop_path needs a shortcut; with shortcut='none' dropping the branch "
+                "would drop the whole layer"
+            )
         mode = self.drop_mode if mode is None else mode
         if mode not in DROP_MODES:
             raise ResidualError(
@@ -242,14 +251,17 @@ class Residual(nn.Module):
             out = out * row_mask(out, self.keep_rate)
         return self._merge(self._shortcut(x), out)
 
-    def _shortcut(self, x: Tensor) -> Tensor:
+    def _shortcut(self, x: Tensor) -> Tensor | None:
         sc = self._modules["shortcut"]
         if type(sc) is IdentityShortcut and not (sc._forward_hooks or sc._forward_pre_hooks):
             return x  # skip an empty module call; hooks (torchinfo) still see the identity run
         return sc(x)  # type: ignore[misc]
 
-    def _merge(self, s: Tensor, out: Tensor) -> Tensor:
+    def _merge(self, s: Tensor | None, out: Tensor) -> Tensor:
         """The one place where shortcut and branch meet; shapes must match exactly."""
+        if s is None:  # NoShortcut: a plain (non-residual) layer, for ablations
+            post = self._modules["post"]
+            return out if post is None else post(out)
         if out.shape != s.shape:
             self._raise_mismatch(out, s)
         if self.residual_in_fp32:
@@ -281,7 +293,7 @@ class Residual(nn.Module):
         self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Tensor:
         """Huang et al.: drop the branch for the whole batch; its compute is skipped."""
-        s = self._shortcut(x)
+        s = cast(Tensor, self._shortcut(x))  # drop_path is refused with shortcut="none"
         keep = self.keep_rate
 
         def run(x: Tensor, s: Tensor) -> Tensor:
@@ -313,7 +325,7 @@ class Residual(nn.Module):
         k = max(1, int(n * (1.0 - self.drop_path)))
         idx = torch.randperm(n, device=x.device)[:k]
         out = self._tensor_branch(x[idx], (), {})
-        s = self._shortcut(x)
+        s = cast(Tensor, self._shortcut(x))  # drop_path is refused with shortcut="none"
         if out.shape[1:] != s.shape[1:]:
             self._raise_mismatch(out, s[idx])
         scale = n / k

@@ -24,6 +24,7 @@ from residual.errors import ResidualError
 
 __all__ = [
     "IdentityShortcut",
+    "NoShortcut",
     "PooledProjectionShortcut",
     "ProjectionShortcut",
     "SHORTCUTS",
@@ -31,7 +32,14 @@ __all__ = [
     "resolve_shortcut",
 ]
 
-SHORTCUTS: tuple[str, ...] = ("identity", "projection", "zero_pad", "pooled_projection", "auto")
+SHORTCUTS: tuple[str, ...] = (
+    "identity",
+    "projection",
+    "zero_pad",
+    "pooled_projection",
+    "auto",
+    "none",
+)
 """The names :func:`resolve_shortcut` accepts."""
 
 _CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -86,6 +94,23 @@ class IdentityShortcut(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x
+
+
+class NoShortcut(nn.Module):
+    """No shortcut at all: ``Residual(fn, NoShortcut())`` computes ``post(fn(x))``.
+
+    The ablation behind "plain" networks (``cifar_resnet(56, plain=True)``): the same builder,
+    the same layers, only the connection removed. It takes no merge.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from residual import Residual
+    >>> Residual(nn.Linear(2, 3), NoShortcut())(torch.zeros(1, 2)).shape
+    torch.Size([1, 3])
+    """
+
+    def forward(self, x: Tensor) -> None:
+        return None
 
 
 class ProjectionShortcut(nn.Module):
@@ -307,6 +332,8 @@ def resolve_shortcut(
         raise ResidualError(f"unknown shortcut {spec!r}; valid names are {', '.join(SHORTCUTS)}")
     if spec == "identity":
         return IdentityShortcut()
+    if spec == "none":
+        return NoShortcut()
     if in_channels is None or out_channels is None:
         raise ResidualError(
             f"shortcut {spec!r} needs in_channels and out_channels; pass a module instead, "

@@ -63,6 +63,7 @@ def cifar_resnet(
     shortcut: str = "zero_pad",
     *,
     preact: bool = False,
+    plain: bool = False,
     in_channels: int = 3,
     zero_init_residual: bool = False,
     drop_path: float = 0.0,
@@ -77,6 +78,9 @@ def cifar_resnet(
         shortcut: the downsampling blocks' shortcut: ``"zero_pad"`` (option A, the paper's
             CIFAR choice, no parameters) or ``"projection"`` (option B, +2,752 parameters).
         preact: pre-activation blocks (He et al. 2016) instead of the original ones.
+        plain: the same network with every shortcut removed (``shortcut="none"`` in every
+            block): the "plain" baseline of the degradation experiment. Each block is still a
+            ``Residual``, so diagnostics and state_dict keys stay the same.
         in_channels: image channels (1 for grey images such as scikit-learn's digits).
         zero_init_residual: every block starts as its shortcut (the blocks own the init).
         drop_path: stochastic depth rate of the deepest block, decayed linearly to the first.
@@ -89,6 +93,8 @@ def cifar_resnet(
     855770
     """
     check_positive_int("cifar_resnet", "depth", depth)
+    if plain and drop_path:
+        raise ResidualError("cifar_resnet: a plain network has no shortcut to keep; drop_path=0")
     if (depth - 2) % 6 != 0 or depth < 8:
         near = max(8, round((depth - 2) / 6) * 6 + 2)
         raise ResidualError(
@@ -102,7 +108,7 @@ def cifar_resnet(
             cin,
             width,
             stride,
-            shortcut=None if cin == width and stride == 1 else shortcut,
+            shortcut="none" if plain else None if cin == width and stride == 1 else shortcut,
             zero_init=zero_init_residual,
             drop_path=rate,
             drop_mode=drop_mode,

@@ -1,0 +1,162 @@
+"""Gradient flow through depth: per-block gradient and activation norms from a real backward.
+
+Works on any model made of :class:`~residual.Residual` blocks (plain ones, built with
+``shortcut="none"``, included) or on any list of modules you name.
+
+>>> import torch
+>>> from residual.models import cifar_resnet
+>>> profile = gradient_flow(cifar_resnet(20), torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))
+>>> len(profile.names), profile.names[0]
+(9, 'layer1.0')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from residual.core import Residual
+from residual.errors import ResidualError
+
+__all__ = ["DepthProfile", "gradient_flow", "plot_gradient_flow"]
+
+
+@dataclass
+class DepthProfile:
+    """Norms per block, first block first.
+
+    Attributes:
+        names: the blocks' qualified names in the model.
+        output_grad_norms: L2 norm of d loss / d (block output), the gradient that flows back
+            into the block from above.
+        param_grad_norms: L2 norm of the gradient of the block's own parameters.
+        activation_norms: root mean square of the block's output (the residual stream).
+        loss: the loss the backward pass started from.
+    """
+
+    names: list[str] = field(default_factory=list)
+    output_grad_norms: list[float] = field(default_factory=list)
+    param_grad_norms: list[float] = field(default_factory=list)
+    activation_norms: list[float] = field(default_factory=list)
+    loss: float = float("nan")
+
+    def ratio_last_to_first(self) -> float:
+        """How many times larger the last block's parameter gradient is than the first's."""
+        return self.param_grad_norms[-1] / max(self.param_grad_norms[0], 1e-30)
+
+
+def _first_tensor(out: Any) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def gradient_flow(
+    model: nn.Module,
+    inputs: Tensor,
+    target: Tensor | None = None,
+    *,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    blocks: Sequence[nn.Module] | None = None,
+) -> DepthProfile:
+    """Run one forward and backward pass and read the norms of every block.
+
+    Args:
+        model: the network; its existing ``.grad`` s are left as they were.
+        inputs: a batch.
+        target: labels for ``loss_fn`` (cross-entropy by default); without a target the loss
+            is the mean square of the output.
+        blocks: the modules to profile, in depth order; default every ``Residual`` in
+            ``model.modules()`` order.
+
+    Returns:
+        A :class:`DepthProfile`.
+    """
+    names_of = {m: n for n, m in model.named_modules()}
+    chosen = (
+        list(blocks)
+        if blocks is not None
+        else [m for m in model.modules() if isinstance(m, Residual)]
+    )
+    if not chosen:
+        raise ResidualError(
+            f"gradient_flow: {type(model).__name__} holds no Residual block; pass blocks=[...]"
+        )
+    outputs: dict[int, Tensor] = {}
+    handles = []
+    for i, block in enumerate(chosen):
+
+        def keep(_m: nn.Module, _a: Any, out: Any, i: int = i) -> None:
+            t = _first_tensor(out)
+            if t.requires_grad:
+                t.retain_grad()
+            outputs[i] = t
+
+        handles.append(block.register_forward_hook(keep))
+    saved = {p: p.grad for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.grad = None
+        out = _first_tensor(model(inputs))
+        if target is not None:
+            loss = (loss_fn or nn.functional.cross_entropy)(out, target)
+        else:
+            loss = out.float().square().mean()
+        loss.backward()
+        profile = DepthProfile(loss=loss.item())
+        for i, block in enumerate(chosen):
+            t = outputs[i]
+            grads = [p.grad for p in block.parameters() if p.grad is not None]
+            profile.names.append(names_of.get(block, f"block{i}"))
+            profile.output_grad_norms.append(float(t.grad.norm()) if t.grad is not None else 0.0)
+            profile.param_grad_norms.append(
+                float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+                if grads
+                else 0.0
+            )
+            profile.activation_norms.append(float(t.detach().float().square().mean().sqrt()))
+        return profile
+    finally:
+        for h in handles:
+            h.remove()
+        for p, g in saved.items():
+            p.grad = g
+
+
+def plot_gradient_flow(
+    profiles: dict[str, DepthProfile],
+    path: str | Path | None = None,
+    *,
+    attribute: str = "param_grad_norms",
+    title: str = "gradient norm per block",
+) -> Any:
+    """Plot one line per profile on a log scale (matplotlib, the optional extra, imported here).
+
+    Returns the figure; saves it to ``path`` if given.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover - depends on the extra
+        raise ImportError(
+            "plot_gradient_flow needs matplotlib: pip install 'residual[examples]'"
+        ) from e
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, profile in profiles.items():
+        values = getattr(profile, attribute)
+        ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("block (input side -> output side)")
+    ax.set_ylabel(attribute.replace("_", " "))
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
