@@ -15,6 +15,7 @@ from residual.merges import (
 )
 from residual.shortcuts import (
     IdentityShortcut,
+    NoShortcut,
     PooledProjectionShortcut,
     ProjectionShortcut,
     ZeroPadShortcut,
@@ -30,6 +31,7 @@ __all__ = [
     "HighwayGate",
     "IdentityShortcut",
     "LayerScale",
+    "NoShortcut",
     "PooledProjectionShortcut",
     "PreActBlock",
     "ProjectionShortcut",

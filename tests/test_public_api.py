@@ -15,6 +15,7 @@ PUBLIC = [
     "HighwayGate",
     "IdentityShortcut",
     "LayerScale",
+    "NoShortcut",
     "PooledProjectionShortcut",
     "PreActBlock",
     "ProjectionShortcut",
@@ -49,6 +50,9 @@ def test_top_level_names_are_pinned() -> None:
         "residual.drop",
         "residual.errors",
         "residual.blocks",
+        "residual.diagnostics",
+        "residual.models",
+        "residual.interop",
     ],
 )
 def test_every_public_module_has_a_sorted_all(module: str) -> None:
@@ -56,6 +60,26 @@ def test_every_public_module_has_a_sorted_all(module: str) -> None:
     assert mod.__all__ == sorted(mod.__all__)
     for name in mod.__all__:
         assert hasattr(mod, name)
+
+
+def test_design_md_model_names() -> None:
+    from residual import models
+
+    for name in (
+        "cifar_resnet",
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnet101",
+        "resnet152",
+        "resnext50_32x4d",
+        "wide_resnet50_2",
+        "load_torchvision",
+        "TransformerEncoderLayer",
+        "ResidualLSTM",
+    ):
+        assert name in models.__all__, name
+    assert callable(models.TransformerEncoderLayer.from_torch)
 
 
 def test_block_is_a_residual() -> None:
