@@ -40,6 +40,7 @@ DROP_MODES: tuple[str, ...] = ("row", "batch", "subset")
 
 _generator = torch.Generator(device="cpu")
 _generator.seed()
+_seeded = False
 
 
 def set_drop_seed(seed: int) -> None:
@@ -50,11 +51,36 @@ def set_drop_seed(seed: int) -> None:
 
     >>> set_drop_seed(0)
     """
+    global _seeded, _checked_ranks
     _generator.manual_seed(int(seed))
+    _seeded = True
+    _checked_ranks = False  # check the ranks again at the next draw
+
+
+_checked_ranks = False
+
+
+def _check_ranks_agree() -> None:
+    """Once per process under torch.distributed: all ranks must share the drop seed."""
+    global _checked_ranks
+    _checked_ranks = True
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    seeds: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(seeds, (_generator.initial_seed(), _seeded))
+    if len(set(seeds)) != 1 or not _seeded:
+        raise ResidualError(
+            "drop_mode='batch' under torch.distributed: the ranks would skip different blocks "
+            f"(their drop seeds, seeded: {seeds}); call residual.set_drop_seed(seed) with the "
+            "same seed on every rank before training"
+        )
 
 
 def batch_keep(rate: float) -> bool:
     """Draw whether the branch runs this step (probability ``1 - rate``), from the shared seed."""
+    if not _checked_ranks:
+        _check_ranks_agree()
     return bool(torch.rand((), generator=_generator).item() >= rate)
 
 

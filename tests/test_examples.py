@@ -58,3 +58,27 @@ def test_char_lm_runs() -> None:
     )
     assert "bits/char (unigram baseline" in result.stdout
     assert "sample:" in result.stdout
+
+
+def test_ddp_digits_runs_under_torchrun(tmp_path: Path) -> None:
+    out = tmp_path / "ddp.pt"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            str(ROOT / "examples" / "ddp_digits.py"),
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 processes: test accuracy" in result.stdout
+    assert out.exists()

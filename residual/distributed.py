@@ -1,0 +1,106 @@
+"""Distributed training helpers: FSDP2 applied per residual block, rank agreement checks.
+
+DDP needs nothing from this module: ``"row"`` and ``"subset"`` stochastic depth use every
+parameter on every step, and ``"batch"`` ties a skipped branch's parameters into the graph with a
+zero, so ``find_unused_parameters`` stays off. For ``"batch"``, call
+:func:`residual.set_drop_seed` with the same seed on every rank; the first draw checks that the
+ranks agree and raises instead of hanging when they do not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from residual.core import Residual
+from residual.errors import ResidualError
+
+__all__ = ["shard_residual_blocks"]
+
+
+def shard_residual_blocks(
+    model: nn.Module,
+    *,
+    mesh: Any = None,
+    mp_policy: Any = None,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """Apply FSDP2 (``fully_shard``) to every outermost ``Residual`` block, then to the root.
+
+    A residual block is the natural unit: its parameters are gathered together, used together
+    and freed together. Blocks built with ``residual_in_fp32=True`` get the same policy but
+    with ``cast_forward_inputs=False``, so the float32 residual stream that enters them is not
+    cast down to the policy's ``param_dtype``.
+
+    Args:
+        model: the model; sharded in place and returned.
+        mesh: a ``DeviceMesh``; default the whole world.
+        mp_policy: an FSDP2 ``MixedPrecisionPolicy``; default full precision.
+        reshard_after_forward: free gathered parameters after each block's forward.
+
+    Returns:
+        The same model, sharded.
+
+    Raises:
+        ResidualError: the process group is not initialised, or the model holds no Residual.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ResidualError(
+            "shard_residual_blocks: initialise the process group first "
+            "(torch.distributed.init_process_group), e.g. under torchrun"
+        )
+    policy = mp_policy or MixedPrecisionPolicy()
+    blocks = _outermost_residuals(model)
+    if not blocks:
+        raise ResidualError(
+            f"shard_residual_blocks: {type(model).__name__} holds no Residual block to shard"
+        )
+    for block in blocks:
+        block_policy = policy
+        if block.residual_in_fp32 and policy.cast_forward_inputs and policy.param_dtype:
+            block_policy = MixedPrecisionPolicy(
+                param_dtype=policy.param_dtype,
+                reduce_dtype=policy.reduce_dtype,
+                output_dtype=policy.output_dtype,
+                cast_forward_inputs=False,
+            )
+            # The stream stays float32 on the shortcut; the branch computes in param_dtype.
+            block.fn.register_forward_pre_hook(_CastInputs(policy.param_dtype))
+        fully_shard(
+            block, mesh=mesh, mp_policy=block_policy, reshard_after_forward=reshard_after_forward
+        )
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+class _CastInputs:
+    """Forward pre-hook: cast a module's floating-point tensor arguments to ``dtype``."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(
+            a.to(self.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in args
+        )
+
+
+def _outermost_residuals(model: nn.Module) -> list[Residual]:
+    found: list[Residual] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if isinstance(child, Residual):
+                found.append(child)
+            else:
+                visit(child)
+
+    if isinstance(model, Residual):
+        return [model]
+    visit(model)
+    return found
