@@ -82,7 +82,7 @@ def _mixed_precision() -> dict[str, Any]:
         model = nn.Sequential(*(Residual(nn.Linear(8, 8), residual_in_fp32=fp32) for _ in range(3)))
         seen: list[str] = []
         for block in model:
-            block.register_forward_hook(lambda m, a, out: seen.append(str(out.dtype)))
+            block.register_forward_hook(lambda m, a, out, seen=seen: seen.append(str(out.dtype)))
         shard_residual_blocks(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
         model(torch.randn(4, 8)).float().sum().backward()
         result[key] = seen

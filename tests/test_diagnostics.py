@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from residual import NoShortcut, ReZero, Residual, ResidualError
+from residual import NoShortcut, Residual, ResidualError, ReZero
 from residual.diagnostics import DepthProfile, gradient_flow, plot_gradient_flow
 from residual.models import cifar_resnet
 

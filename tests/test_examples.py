@@ -82,3 +82,11 @@ def test_ddp_digits_runs_under_torchrun(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 processes: test accuracy" in result.stdout
     assert out.exists()
+
+
+def test_hyper_digits_runs() -> None:
+    import hyper_digits
+
+    for streams in (1, 4):
+        model = hyper_digits.HyperPatchTransformer(streams)
+        assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)

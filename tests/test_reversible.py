@@ -15,7 +15,9 @@ def mlp(dim: int, dropout: float = 0.0) -> nn.Module:
 
 
 def conv(channels: int) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU()
+    )
 
 
 class FirstChannel(nn.Module):
@@ -24,7 +26,9 @@ class FirstChannel(nn.Module):
 
 
 def stack(depth: int, dim: int, dropout: float = 0.0) -> ReversibleSequence:
-    return ReversibleSequence(*(Reversible(mlp(dim, dropout), mlp(dim, dropout)) for _ in range(depth)))
+    return ReversibleSequence(
+        *(Reversible(mlp(dim, dropout), mlp(dim, dropout)) for _ in range(depth))
+    )
 
 
 def test_block_formula_and_inverse() -> None:
@@ -84,8 +88,12 @@ def test_dropout_is_replayed() -> None:
 
 
 def test_batchnorm_statistics_move_once() -> None:
-    rev = ReversibleSequence(*(Reversible(conv(2), conv(2), layout="channels_first") for _ in range(3)))
-    plain = ReversibleSequence(*(Reversible(conv(2), conv(2), layout="channels_first") for _ in range(3)))
+    rev = ReversibleSequence(
+        *(Reversible(conv(2), conv(2), layout="channels_first") for _ in range(3))
+    )
+    plain = ReversibleSequence(
+        *(Reversible(conv(2), conv(2), layout="channels_first") for _ in range(3))
+    )
     plain.load_state_dict(rev.state_dict())
     x = torch.randn(4, 4, 6, 6, requires_grad=True)
     rev(x).sum().backward()

@@ -1,0 +1,206 @@
+"""Hyper-connections (Zhu et al. 2024): n residual streams with learned width and depth
+connections, static and input-dependent, as a ``Residual`` with a stream-mixing shortcut.
+
+The n streams are folded into the batch dim, stream-major: a stream tensor has shape
+``(n * N, ...)``; :func:`expand_streams` makes it from a plain one, :func:`reduce_streams` sums it
+back. For one layer with streams ``H = (H_1..H_n)``::
+
+    h      = sum_i Am_i(H) H_i                  (width connection: the branch's input)
+    H'_j   = sum_i Ar_ij(H) H_i  +  B_j(H) fn(h)   (shortcut: stream mixing; depth connection)
+
+with ``Am = e_(k mod n)``, ``Ar = I``, ``B = 1`` at init (layer k), and, when ``dynamic``, each
+coefficient plus ``s * tanh(norm(H_i) W)`` (W = 0 at init). With ``n = 1`` a hyper-connected
+layer is exactly the plain residual ``x + fn(x)``.
+
+>>> import torch
+>>> from torch import nn
+>>> block = hyper_residual(nn.Linear(8, 8), streams=1, dim=8)
+>>> x = torch.randn(2, 8)
+>>> bool(torch.equal(block(x), x + block.fn.fn(x)))
+True
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from residual._types import Layout, check_layout, check_positive_int
+from residual.core import Residual
+from residual.errors import ResidualError
+
+__all__ = ["HyperBranch", "StreamMix", "expand_streams", "hyper_residual", "reduce_streams"]
+
+
+def expand_streams(x: Tensor, streams: int) -> Tensor:
+    """``(N, ...)`` -> ``(streams * N, ...)``: every stream starts as a copy of ``x``.
+
+    >>> import torch
+    >>> expand_streams(torch.ones(2, 3), 4).shape
+    torch.Size([8, 3])
+    """
+    check_positive_int("expand_streams", "streams", streams)
+    return x.repeat((streams,) + (1,) * (x.dim() - 1))
+
+
+def reduce_streams(h: Tensor, streams: int) -> Tensor:
+    """``(streams * N, ...)`` -> ``(N, ...)``: the sum of the streams.
+
+    >>> import torch
+    >>> reduce_streams(torch.ones(8, 3), 4)[0]
+    tensor([4., 4., 4.])
+    """
+    check_positive_int("reduce_streams", "streams", streams)
+    if h.shape[0] % streams:
+        raise ResidualError(
+            f"reduce_streams: batch dim {h.shape[0]} is not a multiple of streams={streams}"
+        )
+    return h.view(streams, -1, *h.shape[1:]).sum(0)
+
+
+def _per_stream(h: Tensor, streams: int) -> Tensor:
+    """``(n * N, ...)`` -> ``(n, N, ...)``, a view in the input's own layout."""
+    if h.shape[0] % streams:
+        raise ResidualError(
+            f"hyper-connections: batch dim {h.shape[0]} is not a multiple of streams={streams}; "
+            "expand the input with expand_streams(x, streams) first"
+        )
+    return h.view(streams, -1, *h.shape[1:])
+
+
+def _channels_last(s: Tensor, layout: Layout) -> Tensor:
+    """``(n, N, C, ...)`` -> ``(n, N, ..., C)`` for channel-first streams."""
+    return s.movedim(2, -1) if layout == "channels_first" else s
+
+
+def _native(t: Tensor, layout: Layout) -> Tensor:
+    """The inverse of :func:`_channels_last`."""
+    return t.movedim(-1, 2) if layout == "channels_first" else t
+
+
+class _Dynamic(nn.Module):
+    """``s * tanh(norm(H) W)``: the input-dependent part of a connection (0 at init)."""
+
+    def __init__(self, dim: int, outputs: int, scale: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim, outputs))
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+
+    def forward(self, streams: Tensor) -> Tensor:
+        normed = nn.functional.layer_norm(streams, streams.shape[-1:])
+        return self.scale * torch.tanh(normed @ self.weight)
+
+
+class StreamMix(nn.Module):
+    """The shortcut of a hyper-connected layer: ``H'_j = sum_i Ar_ij(H) H_i`` (``Ar = I`` at init).
+
+    Args:
+        streams: n; dim: channels per stream; dynamic: add the input-dependent part;
+        layout: where the channels are.
+    """
+
+    def __init__(
+        self, streams: int, dim: int, *, dynamic: bool = True, layout: Layout = "channels_last"
+    ) -> None:
+        super().__init__()
+        self.streams = check_positive_int("StreamMix", "streams", streams)
+        self.dim = check_positive_int("StreamMix", "dim", dim)
+        self.layout = check_layout("StreamMix", layout)
+        self.mix = nn.Parameter(torch.eye(streams))
+        self.dynamic = _Dynamic(dim, streams, 0.01) if dynamic else None
+
+    def forward(self, h: Tensor) -> Tensor:
+        s = _per_stream(h, self.streams)  # (n, N, ...) in the input's layout
+        dynamic = None
+        if self.dynamic is not None:
+            dynamic = self.dynamic(_channels_last(s, self.layout))  # (n, N, ..., n): row i
+        if self.streams == 1:  # a scale of the one stream: exactly x when it is 1
+            scale = self.mix[0, 0] if dynamic is None else self.mix[0, 0] + dynamic
+            return h * (scale if dynamic is None else _native(scale, self.layout).flatten(0, 1))
+        last = _channels_last(s, self.layout)
+        mix = self.mix.view(self.streams, *([1] * (last.dim() - 2)), self.streams)
+        if dynamic is not None:
+            mix = mix + dynamic
+        mixed = torch.einsum("i...j,i...c->j...c", mix, last)
+        return _native(mixed, self.layout).flatten(0, 1)
+
+    def extra_repr(self) -> str:
+        return f"streams={self.streams}, dim={self.dim}, layout={self.layout!r}"
+
+
+class HyperBranch(nn.Module):
+    """The branch of a hyper-connected layer: ``B_j(H) fn(sum_i Am_i(H) H_i)``.
+
+    ``fn`` sees one stream-sized tensor ``(N, ...)``; its output goes back to every stream,
+    weighted by the depth connection ``B`` (1 at init). ``Am`` (the width connection) starts as
+    the one-hot of stream ``layer_index mod n``.
+    """
+
+    def __init__(
+        self,
+        fn: nn.Module,
+        streams: int,
+        dim: int,
+        *,
+        layer_index: int = 0,
+        dynamic: bool = True,
+        layout: Layout = "channels_last",
+    ) -> None:
+        super().__init__()
+        self.streams = check_positive_int("HyperBranch", "streams", streams)
+        self.dim = check_positive_int("HyperBranch", "dim", dim)
+        self.layout = check_layout("HyperBranch", layout)
+        self.fn = fn
+        width = torch.zeros(streams)
+        width[layer_index % streams] = 1.0
+        self.width = nn.Parameter(width)
+        self.depth = nn.Parameter(torch.ones(streams))
+        self.width_dynamic = _Dynamic(dim, 1, 0.01) if dynamic else None
+        self.depth_dynamic = _Dynamic(dim, 1, 0.01) if dynamic else None
+
+    def forward(self, h: Tensor) -> Tensor:
+        s = _per_stream(h, self.streams)  # (n, N, ...) in the input's layout
+        shape = (self.streams,) + (1,) * (s.dim() - 1)
+        width = self.width.view(shape)
+        depth = self.depth.view(shape)
+        if self.width_dynamic is not None and self.depth_dynamic is not None:
+            last = _channels_last(s, self.layout)
+            width = width + _native(self.width_dynamic(last), self.layout)
+            depth = depth + _native(self.depth_dynamic(last), self.layout)
+        x = (width * s).sum(0)  # (N, ...): the branch's input
+        out = self.fn(x)
+        if out.shape != x.shape:
+            raise ResidualError(
+                f"HyperBranch: fn turned {tuple(x.shape)} into {tuple(out.shape)}; "
+                "a hyper-connected branch must keep the stream's shape"
+            )
+        return (depth * out.unsqueeze(0)).flatten(0, 1)
+
+    def extra_repr(self) -> str:
+        return f"streams={self.streams}, dim={self.dim}, layout={self.layout!r}"
+
+
+def hyper_residual(
+    fn: nn.Module,
+    streams: int,
+    dim: int,
+    *,
+    layer_index: int = 0,
+    dynamic: bool = True,
+    layout: Layout = "channels_last",
+    post: nn.Module | None = None,
+    drop_path: float = 0.0,
+) -> Residual:
+    """A hyper-connected layer: ``Residual(HyperBranch(fn), shortcut=StreamMix)``.
+
+    Inputs and outputs are stream tensors ``(streams * N, ...)``: wrap the stack in
+    :func:`expand_streams` / :func:`reduce_streams`.
+
+    Raises:
+        ResidualError: ``streams < 1``, or ``dim`` not positive.
+    """
+    if isinstance(streams, int) and not isinstance(streams, bool) and streams < 1:
+        raise ResidualError(f"hyper_residual: streams must be >= 1, got {streams}")
+    branch = HyperBranch(fn, streams, dim, layer_index=layer_index, dynamic=dynamic, layout=layout)
+    mix = StreamMix(streams, dim, dynamic=dynamic, layout=layout)
+    return Residual(branch, shortcut=mix, post=post, drop_path=drop_path)

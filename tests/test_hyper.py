@@ -1,0 +1,84 @@
+"""Hyper-connections: exact plain residual at n = 1, small overhead at n = 4, the formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from residual import ResidualError
+from residual.hyper import HyperBranch, StreamMix, expand_streams, hyper_residual, reduce_streams
+from residual.models import FeedForward
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "static"])
+@pytest.mark.parametrize("layout", ["channels_last", "channels_first"])
+def test_one_stream_is_the_plain_residual_exactly(dynamic: bool, layout: str) -> None:
+    fn = nn.Linear(8, 8) if layout == "channels_last" else nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(3, 5, 8) if layout == "channels_last" else torch.randn(3, 8, 4, 4)
+    block = hyper_residual(fn, streams=1, dim=8, dynamic=dynamic, layout=layout)
+    h = expand_streams(x, 1)
+    torch.testing.assert_close(reduce_streams(block(h), 1), x + fn(x), atol=0, rtol=0)
+
+
+def test_four_streams_formula_at_init_and_after_a_change() -> None:
+    n, d = 4, 6
+    fn = nn.Linear(d, d)
+    block = hyper_residual(fn, streams=n, dim=d, layer_index=2, dynamic=False)
+    h = torch.randn(n * 3, d)
+    s = h.view(n, 3, d)
+    # init: the branch reads stream 2, every stream gets x + fn(stream 2)... and keeps itself
+    expected = s + fn(s[2]).unsqueeze(0)
+    torch.testing.assert_close(block(h).view(n, 3, d), expected)
+    with torch.no_grad():
+        block.shortcut.mix.copy_(torch.randn(n, n))
+        block.fn.width.copy_(torch.randn(n))
+        block.fn.depth.copy_(torch.randn(n))
+    mix, width, depth = block.shortcut.mix, block.fn.width, block.fn.depth
+    x = (width.view(n, 1, 1) * s).sum(0)
+    expected = torch.einsum("ij,inc->jnc", mix, s) + depth.view(n, 1, 1) * fn(x)
+    torch.testing.assert_close(block(h).view(n, 3, d), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_parameter_overhead_at_d512_n4() -> None:
+    fn = FeedForward(512, 2048, dropout=0.0, norm=nn.LayerNorm(512))
+    base = sum(p.numel() for p in fn.parameters())
+    dynamic = hyper_residual(fn, streams=4, dim=512)
+    overhead = sum(p.numel() for p in dynamic.parameters()) - base
+    # Am 4 + B 4 + Ar 16 + W_m 512 + W_beta 512 + W_r 2048 + 3 scales
+    assert overhead == 4 + 4 + 16 + 512 + 512 + 2048 + 3
+    static = hyper_residual(
+        FeedForward(512, 2048, dropout=0.0, norm=nn.LayerNorm(512)),
+        streams=4,
+        dim=512,
+        dynamic=False,
+    )
+    assert sum(p.numel() for p in static.parameters()) - base == 24
+
+
+def test_dynamic_connections_learn() -> None:
+    block = hyper_residual(nn.Linear(4, 4), streams=2, dim=4)
+    h = expand_streams(torch.randn(5, 4), 2)
+    reduce_streams(block(h), 2).square().sum().backward()
+    assert block.shortcut.dynamic.weight.grad.abs().sum() > 0
+    assert block.fn.width_dynamic.weight.grad.abs().sum() > 0
+
+
+def test_compiles_without_graph_breaks() -> None:
+    torch._dynamo.reset()
+    block = hyper_residual(nn.Linear(4, 4), streams=3, dim=4)
+    h = expand_streams(torch.randn(2, 4), 3)
+    torch.testing.assert_close(
+        torch.compile(block, fullgraph=True)(h), block(h), atol=1e-6, rtol=1e-5
+    )
+
+
+def test_errors() -> None:
+    with pytest.raises(ResidualError, match="streams must be >= 1, got 0"):
+        hyper_residual(nn.Linear(4, 4), streams=0, dim=4)
+    with pytest.raises(ResidualError, match="not a multiple of streams=3.*expand_streams"):
+        hyper_residual(nn.Linear(4, 4), streams=3, dim=4)(torch.randn(4, 4))
+    with pytest.raises(ResidualError, match="must keep the stream's shape"):
+        HyperBranch(nn.Linear(4, 2), 2, 4)(torch.randn(4, 4))
+    with pytest.raises(ResidualError, match="positive int"):
+        StreamMix(2, 0)
