@@ -185,6 +185,11 @@ def checkpointing() -> dict[str, Any]:
     return run_script(["benchmarks/checkpointing.py", "--batch", "128"], 300)
 
 
+@section("reversible_cuda")
+def reversible() -> dict[str, Any]:
+    return run_script(["benchmarks/reversible.py", "--batch", "64"], 300)
+
+
 @section("bf16_channels_last_cuda")
 def mixed_precision() -> dict[str, Any]:
     model = resnet50().to(DEVICE)
@@ -232,6 +237,7 @@ def main() -> None:
         ("compile_cuda", compile_cuda),
         ("bf16_channels_last_cuda", mixed_precision),
         ("checkpointing_cuda", checkpointing),
+        ("reversible_cuda", reversible),
         ("stochastic_depth_cuda", stochastic_depth),
         ("overhead_cuda", overhead),
         ("overhead_cuda_compiled", overhead_compiled),
