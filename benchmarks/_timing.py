@@ -102,3 +102,25 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3f}"
+
+
+def memory_time_table(
+    memory: dict[str, int], peaks: dict[str, int | None], timings: dict[str, Timing], baseline: str
+) -> None:
+    """Print activation memory, CUDA peak and step time per variant, with ratios to baseline."""
+    rows = []
+    for name in memory:
+        peak = peaks[name]
+        rows.append(
+            [
+                name,
+                f"{memory[name] / 2**20:.2f}",
+                f"{memory[name] / memory[baseline]:.3f}",
+                "-" if peak is None else f"{peak / 2**20:.1f}",
+                ms(timings[name].median),
+                f"{timings[name].median / timings[baseline].median:.3f}",
+            ]
+        )
+    print_table(
+        ["variant", "activation MiB", "ratio", "CUDA peak MiB", "step ms", "time ratio"], rows
+    )

@@ -14,7 +14,7 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from _timing import interleaved, ms, print_header, print_table, write_json
+from _timing import interleaved, memory_time_table, print_header, write_json
 from torch import Tensor, nn
 
 from residual import ResidualBlock
@@ -88,22 +88,7 @@ def main() -> None:
         calls=1 if args.quick else 2,
         warmup=1,
     )
-    rows = []
-    for name in ("stored", "checkpoint=True"):
-        peak = peaks[name]
-        rows.append(
-            [
-                name,
-                f"{memory[name] / 2**20:.1f}",
-                f"{memory[name] / memory['stored']:.3f}",
-                "-" if peak is None else f"{peak / 2**20:.1f}",
-                ms(t[name].median),
-                f"{t[name].median / t['stored'].median:.3f}",
-            ]
-        )
-    print_table(
-        ["variant", "activation MiB", "ratio", "CUDA peak MiB", "step ms", "time ratio"], rows
-    )
+    memory_time_table(memory, peaks, t, "stored")
     write_json(
         args.json,
         {

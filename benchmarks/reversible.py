@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from _timing import interleaved, ms, print_header, print_table, write_json
+from _timing import interleaved, memory_time_table, print_header, write_json
 from checkpointing import peak_cuda_bytes, saved_bytes
 from torch import Tensor, nn
 
@@ -83,22 +83,7 @@ def main() -> None:
     seq.eval()  # the inverse uses the same (running) statistics as the forward
     with torch.no_grad():
         inversion = (seq.inverse(seq(x)) - x).abs().max().item()
-    rows = []
-    for name in variants:
-        peak = peaks[name]
-        rows.append(
-            [
-                name,
-                f"{memory[name] / 2**20:.2f}",
-                f"{memory[name] / memory['stored']:.3f}",
-                "-" if peak is None else f"{peak / 2**20:.1f}",
-                ms(t[name].median),
-                f"{t[name].median / t['stored'].median:.3f}",
-            ]
-        )
-    print_table(
-        ["variant", "activation MiB", "ratio", "CUDA peak MiB", "step ms", "time ratio"], rows
-    )
+    memory_time_table(memory, peaks, t, "stored")
     print(f"inversion error after {args.blocks} blocks (max abs, eval): {inversion:.2e}")
     write_json(
         args.json,

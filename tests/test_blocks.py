@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import Bottleneck as TorchvisionBottleneck
 from torch import Tensor, nn
 
 from residual import (
@@ -118,38 +119,6 @@ def test_custom_layers() -> None:
     assert block(torch.randn(2, 8, 4, 4)).shape == (2, 8, 4, 4)
 
 
-class TorchvisionBottleneck(nn.Module):
-    """torchvision.models.resnet.Bottleneck, written out (v1.5: stride on the 3x3)."""
-
-    def __init__(
-        self, inplanes: int, planes: int, stride: int = 1, groups: int = 1, base_width: int = 64
-    ) -> None:
-        super().__init__()
-        width = int(planes * (base_width / 64.0)) * groups
-        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or inplanes != planes * 4:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4)
-            )
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
-
-
 @pytest.mark.parametrize(
     ("inplanes", "planes", "stride", "groups", "base_width"),
     [(64, 16, 1, 1, 64), (64, 32, 2, 1, 64), (64, 32, 2, 32, 4), (64, 16, 1, 1, 128)],
@@ -158,7 +127,12 @@ class TorchvisionBottleneck(nn.Module):
 def test_bottleneck_matches_torchvision_layout(
     inplanes, planes, stride, groups, base_width
 ) -> None:
-    ref = TorchvisionBottleneck(inplanes, planes, stride, groups, base_width)
+    downsample = None
+    if stride != 1 or inplanes != planes * 4:
+        downsample = nn.Sequential(
+            nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4)
+        )
+    ref = TorchvisionBottleneck(inplanes, planes, stride, downsample, groups, base_width)
     ours = Bottleneck(inplanes, planes, stride, groups=groups, base_width=base_width)
     state = {}
     for key, value in ref.state_dict().items():
