@@ -56,7 +56,6 @@ def test_compile_fullgraph_forward_backward(build, shape, opts, train) -> None:
 
 def _zoo() -> list:
     from residual.models import (
-        CausalTransformerLM,
         MLPMixer,
         ResidualMLP,
         TransformerEncoderLayer,
