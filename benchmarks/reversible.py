@@ -8,11 +8,10 @@ same blocks stored normally vs the same blocks with activation checkpointing.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 
 import torch
 from _timing import interleaved, memory_time_table, print_header, write_json
-from checkpointing import peak_cuda_bytes, saved_bytes
+from checkpointing import peak_cuda_bytes, saved_bytes, step
 from torch import Tensor, nn
 
 from residual._checkpoint import checkpointed_call
@@ -36,14 +35,6 @@ class Stored(nn.Module):
         for block in self.seq.blocks:
             x = checkpointed_call(block, x, (), {}) if self.checkpoint else block(x)
         return x
-
-
-def step(model: nn.Module, x: Tensor) -> Callable[[], None]:
-    def run() -> None:
-        model.zero_grad(set_to_none=True)
-        model(x).sum().backward()
-
-    return run
 
 
 def main() -> None:
