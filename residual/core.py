@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from residual._checkpoint import checkpointed_call
 from residual._inspect import BranchDims, infer_branch_dims
 from residual._types import DropMode
-from residual.drop import DROP_MODES, batch_keep, check_drop_rate, row_mask, split_subset
+from residual.drop import DROP_MODES, batch_keep, check_drop_rate, row_mask
 from residual.errors import ResidualError
 from residual.merges import merge_dim
 from residual.shortcuts import SHORTCUTS, IdentityShortcut, NoShortcut, resolve_shortcut
@@ -324,11 +324,7 @@ class Residual(nn.Module):
         n = x.shape[0]
         k = max(1, int(n * (1.0 - self.drop_path)))
         idx = torch.randperm(n, device=x.device)[:k]
-        if torch.compiler.is_compiling():
-            x_sub = x[idx]
-        else:
-            x_sub, x = split_subset(x, idx)
-        out = self._tensor_branch(x_sub, (), {})
+        out = self._tensor_branch(x[idx], (), {})
         s = cast(Tensor, self._shortcut(x))  # drop_path is refused with shortcut="none"
         if out.shape[1:] != s.shape[1:]:
             self._raise_mismatch(out, s[idx])

@@ -20,8 +20,6 @@ Draws use torch ops only, and rates live in tensor buffers.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
@@ -128,41 +126,6 @@ def drop_path(x: Tensor, p: float | Tensor, training: bool = True) -> Tensor:
         return x
     rate = p if isinstance(p, Tensor) else torch.tensor(check_drop_rate("drop_path", p))
     return x * row_mask(x, (1.0 - rate).to(x.device))
-
-
-class _SubsetSplit(torch.autograd.Function):
-    """``x -> (x[idx], x)``: the subset for the branch and the whole batch for the shortcut.
-
-    Its backward adds the subset's gradient into the shortcut's gradient in one ``index_add``,
-    where autograd would build a zero tensor, scatter into it and add the two.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-        ctx.save_for_backward(idx)
-        ctx.n = x.shape[0]
-        return x.index_select(0, idx), x.view_as(x)
-
-    @staticmethod
-    def backward(
-        ctx: Any, grad_sub: Tensor | None, grad_all: Tensor | None
-    ) -> tuple[Tensor | None, None]:
-        (idx,) = ctx.saved_tensors
-        if grad_all is None and grad_sub is None:
-            return None, None
-        if grad_sub is None:
-            return grad_all, None
-        if grad_all is None:
-            grad_all = grad_sub.new_zeros((ctx.n, *grad_sub.shape[1:]))
-        return grad_all.index_add(0, idx, grad_sub), None
-
-
-def split_subset(x: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-    """``(x[idx], x)`` with a backward that merges the two gradients in one pass."""
-    if not (x.requires_grad and torch.is_grad_enabled()):
-        return x[idx], x
-    sub, whole = _SubsetSplit.apply(x, idx)
-    return sub, whole
 
 
 def linear_drop_rates(p_last: float, num_blocks: int) -> list[float]:
