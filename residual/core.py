@@ -247,8 +247,8 @@ class Residual(nn.Module):
             if dropping:
                 out = out * row_mask(out, self.keep_rate)
             return (self._merge(self._shortcut(x), out), *rest)
-        if dropping:
-            out = out * row_mask(out, self.keep_rate)
+        if dropping:  # the mask multiplies inside the merge: one pass instead of two
+            return self._merge(self._shortcut(x), out, row_mask(out, self.keep_rate))
         return self._merge(self._shortcut(x), out)
 
     def _shortcut(self, x: Tensor) -> Tensor | None:
@@ -257,8 +257,11 @@ class Residual(nn.Module):
             return x  # skip an empty module call; hooks (torchinfo) still see the identity run
         return sc(x)  # type: ignore[misc]
 
-    def _merge(self, s: Tensor | None, out: Tensor) -> Tensor:
-        """The one place where shortcut and branch meet; shapes must match exactly."""
+    def _merge(self, s: Tensor | None, out: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The one place where shortcut and branch meet; shapes must match exactly.
+
+        ``mask`` is the per-sample stochastic-depth mask ("row" mode), applied to the branch.
+        """
         if s is None:  # NoShortcut: a plain (non-residual) layer, for ablations
             post = self._modules["post"]
             return out if post is None else post(out)
@@ -269,7 +272,10 @@ class Residual(nn.Module):
             out = out.float()
         modules = self._modules
         merge, post = modules["merge"], modules["post"]
-        y = s + out if merge is None else merge(s, out)
+        if merge is None:
+            y = s + out if mask is None else torch.addcmul(s, out, mask.to(out.dtype))
+        else:
+            y = merge(s, out if mask is None else out * mask)
         return y if post is None else post(y)
 
     def _split(self, out: Any) -> tuple[Tensor, tuple[Any, ...]]:
