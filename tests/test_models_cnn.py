@@ -9,7 +9,7 @@ import torch
 from reference import BasicBlock, Bottleneck, TorchvisionResNet
 from torch import nn
 
-from residual import PreActBlock, Residual, ResidualError, ZeroPadShortcut
+from residual import Residual, ResidualError, ZeroPadShortcut
 from residual.models import (
     cifar_resnet,
     load_torchvision,
@@ -53,8 +53,10 @@ def test_cifar_preact_and_options() -> None:
     assert all(isinstance(m, Residual) for m in net.layer1)
     assert net.layer1[0].post is None  # no ReLU after the add
     assert net(torch.randn(2, 1, 8, 8)).shape == (2, 7)
-    assert _count(net) == _count(cifar_resnet(20, preact=True, num_classes=7, in_channels=1))
-    assert PreActBlock  # the preact net is built from the pre-activation block
+    first = net.layer1[0].fn
+    assert isinstance(first.bn1, nn.BatchNorm2d) and first[0] is first.bn1  # BN before conv
+    assert isinstance(net.layer2[0].pre, nn.Sequential)  # downsampling: shared pre-activation
+    assert isinstance(net.bn_final, nn.BatchNorm2d) and isinstance(net.bn1, nn.Identity)
     net = cifar_resnet(20, drop_path=0.2)
     rates = [m.drop_path for m in net.modules() if isinstance(m, Residual)]
     assert rates == pytest.approx([0.2 * (i + 1) / 9 for i in range(9)])
