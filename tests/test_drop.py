@@ -8,6 +8,7 @@ import torch._dynamo.testing
 from torch import Tensor, nn
 
 from residual import Residual, ResidualError, apply_drop_schedule, linear_drop_rates, set_drop_seed
+from residual.models import CausalTransformerLM, MLPMixer, ResidualLSTM, ResidualMLP
 
 
 class Counting(nn.Module):
@@ -147,6 +148,51 @@ def test_schedule_helpers() -> None:
         apply_drop_schedule(nn.Linear(2, 2), 0.1)
     with pytest.raises(ResidualError, match="num_blocks must be >= 1"):
         linear_drop_rates(0.1, 0)
+
+
+ZOO_DROP = {
+    "ResidualMLP": (lambda **o: ResidualMLP(12, 3, dim=16, depth=3, **o), (5, 12), 3),
+    "MLPMixer": (lambda **o: MLPMixer(8, 4, 1, dim=16, depth=2, **o), (5, 1, 8, 8), 4),
+    "CausalTransformerLM": (
+        lambda **o: CausalTransformerLM(30, 16, 2, num_layers=2, max_len=8, **o),
+        (5, 8),
+        4,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(ZOO_DROP))
+@pytest.mark.parametrize("mode", ["row", "batch", "subset"])
+def test_zoo_builders_decay_the_deepest_rate_linearly(name: str, mode: str) -> None:
+    build, shape, blocks = ZOO_DROP[name]
+    torch.manual_seed(0)
+    model = build(drop_path=0.4, drop_mode=mode)
+    plain = build()
+    plain.load_state_dict(model.state_dict())
+    residuals = [m for m in model.modules() if isinstance(m, Residual)]
+    assert [b.drop_path for b in residuals] == pytest.approx(linear_drop_rates(0.4, blocks))
+    assert {b.drop_mode for b in residuals} == {mode}
+    x = torch.randint(0, 30, shape) if name == "CausalTransformerLM" else torch.randn(shape)
+    model.train()(x).sum().backward()
+    learned = [p.grad is not None for p in model.parameters()]
+    # "batch" skips whole branches (their parameters get no gradient that step); the others
+    # reach every parameter
+    assert any(learned) if mode == "batch" else all(learned)
+    torch.testing.assert_close(model.eval()(x), plain.eval()(x), rtol=0, atol=0)
+
+
+def test_residual_lstm_drop_path_reaches_its_residual_layers_only() -> None:
+    torch.manual_seed(0)
+    lstm = ResidualLSTM(8, 8, num_layers=4, residual_from=1, drop_path=0.3)
+    rates = [m.drop_path if isinstance(m, Residual) else None for m in lstm.layers]
+    assert rates == [None, *linear_drop_rates(0.3, 3)]
+    out, (h, _) = lstm.train()(torch.randn(3, 5, 8))
+    out.sum().backward()
+    assert h.shape == (4, 3, 8)
+    plain = ResidualLSTM(8, 8, num_layers=4, residual_from=1)
+    plain.load_state_dict(lstm.state_dict())
+    x = torch.randn(3, 5, 8)
+    torch.testing.assert_close(lstm.eval()(x)[0], plain.eval()(x)[0], rtol=0, atol=0)
 
 
 def test_rate_is_a_buffer_outside_the_state_dict() -> None:

@@ -458,6 +458,20 @@ CATALOGUE: list[Misuse] = [
         "layer 0 maps 10 -> 16",
     ),
     Misuse(
+        "lstm-drop-path-no-residual",
+        "stochastic depth on an LSTM stack with no residual layer",
+        lambda: ResidualLSTM(8, 8, num_layers=2, residual_from=2, drop_path=0.1),
+        ResidualError,
+        "drop_path=0.1 needs a residual layer, but residual_from=2 >= num_layers=2",
+    ),
+    Misuse(
+        "zoo-drop-path-range",
+        "a zoo model's drop_path outside [0, 1)",
+        lambda: MLPMixer(8, 2, 1, drop_path=1.5),
+        ResidualError,
+        r"MLPMixer: drop_path must be in \[0, 1\), got 1.5",
+    ),
+    Misuse(
         "mixer-patch",
         "a patch size that does not divide the image",
         lambda: MLPMixer(8, 3, 1),

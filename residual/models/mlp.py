@@ -10,9 +10,9 @@ from __future__ import annotations
 from einops.layers.torch import Rearrange, Reduce
 from torch import Tensor, nn
 
-from residual._types import check_positive_int
+from residual._types import DropMode, check_positive_int
 from residual.core import Residual
-from residual.drop import linear_drop_rates
+from residual.drop import apply_drop_schedule, check_drop_rate
 from residual.errors import ResidualError
 
 __all__ = ["MLPMixer", "ResidualMLP", "mlp_block"]
@@ -39,7 +39,8 @@ def mlp_block(dim: int, hidden: int, dropout: float = 0.0, drop_path: float = 0.
 class ResidualMLP(nn.Module):
     """``Linear`` stem, ``depth`` pre-norm MLP residuals, LayerNorm, linear head.
 
-    Input (N, in_features) -> (N, num_classes).
+    Input (N, in_features) -> (N, num_classes). ``drop_path`` is the stochastic depth rate of
+    the deepest block, decayed linearly to the first; ``drop_mode`` as :class:`Residual`.
 
     >>> import torch
     >>> ResidualMLP(64, 10, dim=32, depth=3)(torch.randn(4, 64)).shape
@@ -56,12 +57,16 @@ class ResidualMLP(nn.Module):
         expansion: int = 4,
         dropout: float = 0.0,
         drop_path: float = 0.0,
+        drop_mode: DropMode = "row",
     ) -> None:
         super().__init__()
         check_positive_int("ResidualMLP", "depth", depth)
-        rates = linear_drop_rates(drop_path, depth) if drop_path else [0.0] * depth
+        check_drop_rate("ResidualMLP", drop_path)
         self.stem = nn.Linear(in_features, dim)
-        self.blocks = nn.Sequential(*(mlp_block(dim, expansion * dim, dropout, r) for r in rates))
+        self.blocks = nn.Sequential(
+            *(mlp_block(dim, expansion * dim, dropout) for _ in range(depth))
+        )
+        apply_drop_schedule(self.blocks, drop_path, drop_mode)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -79,6 +84,9 @@ class MLPMixer(nn.Module):
         in_channels: image channels; dim: patch embedding width; depth: mixer layers.
         num_classes: classifier outputs; token_hidden / channel_hidden: MLP widths
             (default dim / 2 and 4 * dim, as the paper's S/16 ratios).
+        dropout: dropout inside the MLPs.
+        drop_path: stochastic depth rate of the deepest residual, decayed linearly to the first
+            (token and channel mixing count as one residual each); drop_mode as ``Residual``.
 
     Input (N, C, H, W) -> (N, num_classes).
     """
@@ -96,9 +104,11 @@ class MLPMixer(nn.Module):
         channel_hidden: int | None = None,
         dropout: float = 0.0,
         drop_path: float = 0.0,
+        drop_mode: DropMode = "row",
     ) -> None:
         super().__init__()
         check_positive_int("MLPMixer", "patch_size", patch_size)
+        check_drop_rate("MLPMixer", drop_path)
         if image_size % patch_size:
             raise ResidualError(
                 f"MLPMixer: patch_size={patch_size} must divide image_size={image_size}"
@@ -111,9 +121,8 @@ class MLPMixer(nn.Module):
             Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size),
             nn.Linear(patch_size * patch_size * in_channels, dim),
         )
-        rates = linear_drop_rates(drop_path, 2 * depth) if drop_path else [0.0] * (2 * depth)
         layers: list[nn.Module] = []
-        for i in range(depth):
+        for _ in range(depth):
             token_mixing = nn.Sequential(
                 nn.LayerNorm(dim),
                 Rearrange("b n d -> b d n"),
@@ -123,9 +132,10 @@ class MLPMixer(nn.Module):
                 nn.Linear(token_hidden, tokens),
                 Rearrange("b d n -> b n d"),
             )
-            layers.append(Residual(token_mixing, drop_path=rates[2 * i]))
-            layers.append(mlp_block(dim, channel_hidden, dropout, rates[2 * i + 1]))
+            layers.append(Residual(token_mixing))
+            layers.append(mlp_block(dim, channel_hidden, dropout))
         self.blocks = nn.Sequential(*layers)
+        apply_drop_schedule(self.blocks, drop_path, drop_mode)
         self.norm = nn.LayerNorm(dim)
         self.pool = Reduce("b n d -> b d", "mean")
         self.head = nn.Linear(dim, num_classes)

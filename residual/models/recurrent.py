@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from residual._types import check_positive_int
 from residual.core import Residual
+from residual.drop import apply_drop_schedule, check_drop_rate
 from residual.errors import ResidualError
 
 __all__ = ["ResidualLSTM"]
@@ -37,6 +38,8 @@ class ResidualLSTM(nn.Module):
         bidirectional_first: GNMT's bidirectional bottom layer.
         dropout: dropout on each layer's output except the last (as ``nn.LSTM``).
         batch_first: (N, L, H) when True (default), (L, N, H) otherwise.
+        drop_path: stochastic depth rate of the deepest residual layer, decayed linearly to the
+            first residual one; per-sample ("row") only, since an LSTM returns its states too.
 
     Dynamo does not compile ``nn.LSTM`` without graph breaks (``fullgraph=True`` fails by
     design); use it eagerly or with ``fullgraph=False``.
@@ -52,6 +55,7 @@ class ResidualLSTM(nn.Module):
         bidirectional_first: bool = False,
         dropout: float = 0.0,
         batch_first: bool = True,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         name = "ResidualLSTM"
@@ -60,6 +64,11 @@ class ResidualLSTM(nn.Module):
         check_positive_int(name, "num_layers", num_layers)
         if residual_from < 0:
             raise ResidualError(f"{name}: residual_from must be >= 0, got {residual_from}")
+        if check_drop_rate(name, drop_path) and residual_from >= num_layers:
+            raise ResidualError(
+                f"{name}: drop_path={drop_path} needs a residual layer, but residual_from="
+                f"{residual_from} >= num_layers={num_layers}; lower residual_from or drop_path=0"
+            )
         if residual_from == 0 and (input_size != hidden_size or bidirectional_first):
             raise ResidualError(
                 f"{name}: layer 0 maps {input_size} -> "
@@ -84,6 +93,8 @@ class ResidualLSTM(nn.Module):
             features = hidden_size * (2 if bidirectional else 1)
         self.layers = nn.ModuleList(layers)
         self.dropout = nn.Dropout(dropout)
+        if drop_path:
+            apply_drop_schedule(self.layers, drop_path, "row")
 
     def forward(
         self, x: Tensor, hx: tuple[Tensor, Tensor] | None = None

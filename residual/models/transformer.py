@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from residual._compat import HAS_FUSED_ENCODER_LAYER, fused_encoder_layer
-from residual._types import check_positive_int
+from residual._types import DropMode, check_positive_int
 from residual.core import Residual
-from residual.drop import check_drop_rate
+from residual.drop import apply_drop_schedule, check_drop_rate
 from residual.errors import ResidualError
 from residual.models.attention import AttentionBranch, FeedForward, SelfAttention, attention_mask
 
@@ -250,7 +250,9 @@ def gpt_block(
 class CausalTransformerLM(nn.Module):
     """A small GPT: token + position embeddings, ``num_layers`` :func:`gpt_block` s, LN, head.
 
-    Input (N, L) token ids -> logits (N, L, vocab_size).
+    Input (N, L) token ids -> logits (N, L, vocab_size). ``drop_path`` is the stochastic depth
+    rate of the deepest residual, decayed linearly to the first (attention and MLP count as one
+    residual each); ``drop_mode`` as :class:`Residual`.
 
     >>> import torch
     >>> lm = CausalTransformerLM(50, d_model=32, nhead=4, num_layers=2, max_len=16)
@@ -266,14 +268,19 @@ class CausalTransformerLM(nn.Module):
         num_layers: int = 4,
         max_len: int = 256,
         dropout: float = 0.0,
+        *,
+        drop_path: float = 0.0,
+        drop_mode: DropMode = "row",
     ) -> None:
         super().__init__()
         self.max_len = check_positive_int("CausalTransformerLM", "max_len", max_len)
+        check_drop_rate("CausalTransformerLM", drop_path)
         self.tok = nn.Embedding(vocab_size, d_model)
         self.pos = nn.Embedding(max_len, d_model)
         self.blocks = nn.Sequential(
             *(gpt_block(d_model, nhead, dropout=dropout) for _ in range(num_layers))
         )
+        apply_drop_schedule(self.blocks, drop_path, drop_mode)
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
 
