@@ -34,6 +34,14 @@ class Timing:
     def median(self) -> float:
         return statistics.median(self.rounds)
 
+    def paired_ratio(self, baseline: Timing) -> float:
+        """Median over rounds of this round / the baseline's same round.
+
+        Both ran back to back within each round, so a drift of the machine between rounds
+        cancels out of each pair; the ratio of the two medians does not cancel it.
+        """
+        return statistics.median(a / b for a, b in zip(self.rounds, baseline.rounds, strict=True))
+
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
