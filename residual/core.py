@@ -329,8 +329,8 @@ class Residual(nn.Module):
             )
         n = x.shape[0]
         k = max(1, int(n * (1.0 - self.drop_path)))
-        # Drawn on the CPU (microseconds; on a GPU, randperm and sort were two sort kernels per
-        # block, about 50 us each in an H200 profile) and sorted for a sequential gather.
+        # Drawn on the CPU (microseconds; drawn on a GPU they added two kernels per block, about
+        # 50 us each in an H200 profile) and sorted for a sequential gather.
         # index_select, not x[idx]: its backward is a parallel index_add, where advanced
         # indexing's is a serial index_put on the CPU (4.7% of a ResNet-110 CPU step, profiled).
         idx = torch.randperm(n)[:k].sort().values.to(x.device, non_blocking=True)
