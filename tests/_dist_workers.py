@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import traceback
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+# Before any process group exists: DDP imports torch.distributed.nn, whose functions take
+# `group=group.WORLD` as a default argument. Imported after init_process_group, those defaults pin
+# the world group for the life of the process, so destroy_process_group cannot free it and its
+# gloo threads are still running when the interpreter shuts down (see `teardown`).
+import torch.distributed.nn  # before the first init_process_group
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -110,6 +119,40 @@ def _train(rank: int, job: dict[str, Any]) -> dict[str, Any]:
     return {"params": {k: _full(v) for k, v in inner.named_parameters()}}
 
 
+def gloo_threads() -> list[str]:
+    """Names of this process's native gloo threads (Linux names them; elsewhere: empty)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return []
+    names = []
+    for task in tasks.iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # the thread ended while we listed it
+            continue
+    return sorted(n for n in names if "gloo" in n)
+
+
+def teardown() -> list[str]:
+    """Drain and destroy the process group before the worker returns; the gloo threads left.
+
+    Why: a gloo worker thread drops its reference to a finished collective *after* the caller's
+    ``wait()`` returns; when that collective captured Python thread-local state, the drop takes the
+    GIL. A process that exits right after its last collective can reach interpreter shutdown
+    first, and then that thread is killed inside a C++ destructor: SIGABRT, "terminate called
+    without an active exception" (torch issue 190489). So: a barrier (every rank's collectives
+    have completed; it raises instead of hanging if a rank never arrives), destroy the group
+    while the interpreter is fully alive (its destructor joins its threads once nothing else
+    holds it), then collect what still referenced it.
+    """
+    try:
+        dist.monitored_barrier(timeout=timedelta(seconds=60))
+    finally:
+        dist.destroy_process_group()
+        gc.collect()
+    return gloo_threads()
+
+
 def worker(rank: int, world: int, store: str, jobs: list[dict[str, Any]], out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     results: list[dict[str, Any]] = []
@@ -122,6 +165,7 @@ def worker(rank: int, world: int, store: str, jobs: list[dict[str, Any]], out: s
                     {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
                 )
                 break
-        torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        left = teardown()
+        torch.save({"results": results, "gloo_threads_left": left, "pid": os.getpid()},
+                   Path(out) / f"rank{rank}.pt")

@@ -18,7 +18,15 @@ TIMEOUT_S = 240
 
 
 def run_workers(jobs: list[dict[str, Any]], tmp_path: Path) -> list[list[dict[str, Any]]]:
-    """Spawn 2 ranks, wait at most TIMEOUT_S, always clean up, return each rank's results."""
+    """Spawn 2 ranks, wait at most TIMEOUT_S, always clean up, return each rank's results.
+
+    Each rank exits with status 0 (a crash at exit fails the test) and reports the gloo threads
+    still running after its teardown.
+    """
+    return [r["results"] for r in spawn_ranks(jobs, tmp_path)]
+
+
+def spawn_ranks(jobs: list[dict[str, Any]], tmp_path: Path) -> list[dict[str, Any]]:
     ctx = mp.start_processes(
         worker,
         args=(2, str(tmp_path / "store"), jobs, str(tmp_path)),
@@ -37,6 +45,7 @@ def run_workers(jobs: list[dict[str, Any]], tmp_path: Path) -> list[list[dict[st
             if p.is_alive():
                 p.terminate()
             p.join(5)
+    assert [p.exitcode for p in ctx.processes] == [0, 0]
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -91,3 +100,11 @@ def test_fsdp2_mixed_precision_keeps_the_fp32_stream(tmp_path: Path) -> None:
         assert "error" not in rank[0], rank[0].get("trace")
         assert rank[0]["stream_dtypes"] == ["torch.float32"] * 3
         assert rank[0]["plain_dtypes"] == ["torch.bfloat16"] * 3
+
+
+def test_ddp_workers_free_the_process_group_and_its_threads(tmp_path: Path) -> None:
+    """The teardown leaves no gloo thread behind (nothing pins the group after DDP)."""
+    ranks = spawn_ranks([{"kind": "mlp", "wrapper": "ddp"}], tmp_path)
+    for rank in ranks:
+        assert "error" not in rank["results"][0], rank["results"][0].get("trace")
+        assert rank["gloo_threads_left"] == []
