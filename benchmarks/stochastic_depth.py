@@ -19,7 +19,6 @@ import torch
 from _timing import interleaved, ms, print_header, print_table, write_json
 from torch import nn
 
-from residual import set_drop_seed
 from residual.models import cifar_resnet
 
 
@@ -49,7 +48,6 @@ def main() -> None:
     depth, batch = (20, 32) if args.quick else (args.depth, args.batch)
     rounds = args.rounds or (4 if args.quick else 24)  # many short rounds: the machine drifts
     torch.manual_seed(0)
-    set_drop_seed(0)
     info = print_header(
         f"stochastic depth: cifar_resnet({depth}) train step, 32x32, batch {batch}, "
         f"linear decay to p_L={args.p_last}, {args.device}"

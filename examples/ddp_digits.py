@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from train_digits import SETTINGS, accuracy, load_data, save_atomically, shift
 
-from residual import set_drop_seed
+from residual.distributed import check_drop_agreement
 
 
 def main() -> None:
@@ -38,12 +38,12 @@ def main() -> None:
     dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR/PORT
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    torch.manual_seed(0)  # the same initial weights on every rank
-    set_drop_seed(0)  # the same stochastic-depth skips on every rank (drop_mode="batch")
+    torch.manual_seed(0)  # the same initial weights and stochastic-depth seeds on every rank
     build, default_epochs, lr = SETTINGS[args.model]
     epochs = args.epochs or default_epochs
     x_train, y_train, x_test, y_test = load_data(0)
     model = DistributedDataParallel(build())
+    check_drop_agreement(model)  # every rank will skip the same blocks (drop_mode="batch")
     batch = 64
     steps = epochs * ((len(y_train) + batch - 1) // batch)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
@@ -73,6 +73,9 @@ def main() -> None:
             f"{args.model} on {world} processes: test accuracy {acc:.2%} "
             f"({seconds:.1f} s, {1e3 * seconds / steps:.1f} ms/step)"
         )
+    # Every rank's collectives complete before any rank exits: a gloo thread still finishing the
+    # last all-reduce while the interpreter shuts down aborts the process (see tests/_dist_workers).
+    dist.barrier()
     dist.destroy_process_group()
 
 

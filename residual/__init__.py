@@ -1,31 +1,37 @@
-"""residual: the residual connection H(x) = F(x) + S(x) as one small, exact, fast combinator."""
+"""residual: the residual connection H(x) = F(x) + S(x) as one small, exact, fast combinator.
+
+The top level holds what a residual block is made of; more lives in the submodules:
+``residual.merges`` (``Add``, ``deepnorm_scales``), ``residual.shortcuts``
+(``resolve_shortcut``), ``residual.drop`` (the policies, ``linear_drop_rates``),
+``residual.models`` (the zoo), ``residual.hyper``, ``residual.reversible``,
+``residual.diagnostics``, ``residual.distributed`` and ``residual.interop``.
+
+>>> import torch
+>>> from torch import nn
+>>> import residual
+>>> residual.Residual(nn.Linear(8, 8))(torch.zeros(2, 8)).shape
+torch.Size([2, 8])
+"""
+
+import importlib
+from typing import Any
 
 from residual.blocks import Bottleneck, PreActBlock, ResidualBlock
 from residual.core import Residual
-from residual.drop import apply_drop_schedule, drop_path, linear_drop_rates, set_drop_seed
+from residual.drop import apply_drop_schedule, drop_path
 from residual.errors import ResidualError
-from residual.merges import (
-    Add,
-    GRUGate,
-    HighwayGate,
-    LayerScale,
-    ReZero,
-    ScaledAdd,
-    deepnorm_scales,
-)
+from residual.merges import GRUGate, HighwayGate, LayerScale, ReZero, ScaledAdd
 from residual.shortcuts import (
     IdentityShortcut,
     NoShortcut,
     PooledProjectionShortcut,
     ProjectionShortcut,
     ZeroPadShortcut,
-    resolve_shortcut,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "Add",
     "Bottleneck",
     "GRUGate",
     "HighwayGate",
@@ -43,9 +49,25 @@ __all__ = [
     "ZeroPadShortcut",
     "__version__",
     "apply_drop_schedule",
-    "deepnorm_scales",
     "drop_path",
-    "linear_drop_rates",
-    "resolve_shortcut",
-    "set_drop_seed",
 ]
+
+_SUBMODULES = (
+    "blocks",
+    "diagnostics",
+    "distributed",
+    "drop",
+    "hyper",
+    "interop",
+    "merges",
+    "models",
+    "reversible",
+    "shortcuts",
+)
+
+
+def __getattr__(name: str) -> Any:
+    """``residual.hyper`` and the other submodules, imported on first use."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f"residual.{name}")
+    raise AttributeError(f"module 'residual' has no attribute {name!r}")

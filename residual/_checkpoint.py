@@ -1,61 +1,72 @@
-"""Activation checkpointing of a branch, with norm statistics updated once (private).
+"""Calling a branch, with activation checkpointing that updates norm statistics once (private).
 
 Plain ``torch.utils.checkpoint`` re-runs the branch in backward, so a BatchNorm in training mode
-updates its running statistics twice per step. Here the recomputation runs with the norms'
-momentum at 0, so their statistics move exactly once.
+would update its running statistics twice per step. Here the recomputation runs under
+:class:`FrozenNormStats`, a thread-local torch function mode that hands the norms copies of
+their running statistics to update (they normalise with the batch's, as in the forward: the
+same ops, the same saved tensors) and skips their ``num_batches_tracked`` increment. No module
+attribute or buffer is touched, so another thread or another use of the same module sees
+nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import inspect
 from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
+from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
+_SIGNATURES = {f: inspect.signature(f) for f in (F.batch_norm, F.instance_norm)}
 
-class _FrozenNormStats:
-    """While active, the norms of ``module`` leave their running statistics as they are.
 
-    Their momentum is set to 0 (the update then keeps the old values exactly) and only
-    ``num_batches_tracked`` is saved and put back; a norm with ``momentum=None`` (cumulative
-    average) has its statistics saved and restored too. The recomputed graph is the forward's,
-    as checkpointing requires. Reusable: backward may recompute more than once.
+class FrozenNormStats(TorchFunctionMode):
+    """While active (this thread only), the norms of ``module`` leave their statistics alone.
+
+    In training mode their functional call updates copies of ``running_mean`` and
+    ``running_var`` (the output, normalised with batch statistics, is the forward's), and the
+    increment of their ``num_batches_tracked`` counter is skipped.
     """
 
     def __init__(self, module: nn.Module) -> None:
-        self.norms = [
-            m for m in module.modules() if isinstance(m, _NormBase) and m.track_running_stats
-        ]
-        self.saved: list[tuple[Tensor, Tensor]] = []
-        self.momenta: list[float | None] = []
+        super().__init__()
+        self.counters = {
+            id(c)
+            for m in module.modules()
+            if isinstance(c := getattr(m, "num_batches_tracked", None), Tensor)
+        }
 
-    def __enter__(self) -> None:
-        self.momenta = [m.momentum for m in self.norms]
-        for m in self.norms:
-            buffers = [m.num_batches_tracked]
-            if m.momentum is None:
-                buffers += [m.running_mean, m.running_var]
-            self.saved += [(b, b.clone()) for b in buffers if b is not None]
-            m.momentum = 0.0
-
-    def __exit__(self, *exc: object) -> None:
-        for m, momentum in zip(self.norms, self.momenta, strict=True):
-            m.momentum = momentum
-        with torch.no_grad():
-            for buf, value in self.saved:
-                buf.copy_(value)
-        self.saved = []
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in _SIGNATURES:
+            call = _SIGNATURES[func].bind(*args, **kwargs)
+            call.apply_defaults()
+            given = call.arguments
+            if given.get("training", given.get("use_input_stats")):  # updates the statistics
+                for name in ("running_mean", "running_var"):  # into throwaway copies
+                    if isinstance(given[name], Tensor):
+                        given[name] = given[name].clone()
+            return func(*call.args, **call.kwargs)
+        if func is Tensor.add_ and args and id(args[0]) in self.counters:
+            return args[0]
+        return func(*args, **kwargs)
 
 
 def _contexts(
     module: nn.Module,
-) -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
-    return contextlib.nullcontext(), _FrozenNormStats(module)
+) -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[Any]]:
+    return contextlib.nullcontext(), FrozenNormStats(module)
 
 
 def checkpointed_call(
@@ -63,15 +74,24 @@ def checkpointed_call(
 ) -> Any:
     """``fn(x, *args, **kwargs)``, storing no activations: recomputed in backward.
 
-    Non-reentrant, RNG state preserved (dropout matches), kwargs passed through.
+    Non-reentrant, RNG state preserved (dropout matches). The branch's kwargs are bound before
+    the call, so none of them can be taken by ``torch.utils.checkpoint`` itself (a branch kwarg
+    named ``use_reentrant`` or ``context_fn`` reaches the branch).
     """
-    run: Callable[..., Any] = fn
     return checkpoint(
-        run,
+        partial(fn, **kwargs) if kwargs else fn,
         x,
         *args,
         use_reentrant=False,
         preserve_rng_state=True,
         context_fn=partial(_contexts, fn),
-        **kwargs,
     )
+
+
+def call_branch(
+    fn: nn.Module, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], ckpt: bool
+) -> Any:
+    """``fn(x, *args, **kwargs)``; checkpointed when ``ckpt`` and autograd is recording."""
+    if ckpt and torch.is_grad_enabled():
+        return checkpointed_call(fn, x, args, kwargs)
+    return fn(x, *args, **kwargs)

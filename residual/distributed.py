@@ -1,10 +1,12 @@
-"""Distributed training helpers: FSDP2 applied per residual block, rank agreement checks.
+"""Distributed training helpers: FSDP2 applied per residual block, and a drop agreement check.
 
 DDP needs nothing from this module: ``"row"`` and ``"subset"`` stochastic depth use every
 parameter on every step, and ``"batch"`` ties a skipped branch's parameters into the graph with a
-zero, so ``find_unused_parameters`` stays off. For ``"batch"``, call
-:func:`residual.set_drop_seed` with the same seed on every rank; the first draw checks that the
-ranks agree and raises instead of hanging when they do not.
+zero, so ``find_unused_parameters`` stays off. A ``"batch"`` policy draws from its ``seed`` and
+``step`` buffers only: ranks that hold the same buffers skip the same blocks. DDP broadcasts
+rank 0's buffers when it wraps the model; under FSDP (which does not) build the model after the
+same ``torch.manual_seed`` on every rank, or load the same checkpoint. Nothing is checked behind
+your back: call :func:`check_drop_agreement` once after wrapping to be sure.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import torch
 from torch import nn
 
 from residual.core import Residual
+from residual.drop import BatchDrop
 from residual.errors import ResidualError
 
-__all__ = ["shard_residual_blocks"]
+__all__ = ["check_drop_agreement", "shard_residual_blocks"]
 
 
 def shard_residual_blocks(
@@ -75,6 +78,36 @@ def shard_residual_blocks(
         )
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return model
+
+
+def check_drop_agreement(model: nn.Module) -> None:
+    """Raise on every rank if the ranks' batch-mode drop policies would skip different blocks.
+
+    One ``all_gather_object`` of every ``BatchDrop``'s ``(seed, step)``; call it once after the
+    model is wrapped (not inside the training step). Without an initialised process group, or on
+    one rank, it returns at once.
+
+    >>> from torch import nn
+    >>> from residual import Residual
+    >>> check_drop_agreement(Residual(nn.Linear(4, 4), drop_path=0.1, drop_mode="batch"))
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    mine = [
+        (name, int(m.seed), int(m.step))
+        for name, m in model.named_modules()
+        if isinstance(m, BatchDrop)
+    ]
+    every: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if any(other != mine for other in every):
+        raise ResidualError(
+            "check_drop_agreement: the ranks' drop_mode='batch' policies differ (seed, step), so "
+            "they would skip different blocks; build the model after the same "
+            "torch.manual_seed(seed) on every rank, or load the same checkpoint (DDP broadcasts "
+            f"rank 0's buffers when it wraps the model). Per rank: {every}"
+        )
 
 
 class _CastInputs:

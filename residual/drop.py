@@ -1,17 +1,23 @@
-"""Stochastic depth: the random draws and rate schedules behind ``Residual(drop_path=...)``.
+"""Stochastic depth: ``drop_path`` and the three policies ``Residual`` runs its branch through.
 
-Three modes (``Residual(fn, drop_path=p, drop_mode=...)``), all rescaled by ``1 / (1 - p)`` in
-training so that eval (no drop) is the identity on the expected value:
+Each policy is a small module that ``Residual`` calls in training as
+``policy(branch, x, shortcut, args, kwargs, checkpoint)``; it decides how (and whether) the
+branch runs and returns the branch's contribution, which ``Residual`` then merges. All rescale
+by ``1 / (1 - p)`` in training, so that eval (no drop) is the identity on the expected value:
 
-- ``"row"``: a per-sample mask on the branch output (timm / torchvision ``DropPath``); the branch
-  is computed for every sample.
-- ``"batch"``: the whole branch is dropped for the whole mini-batch (Huang et al. 2016) and its
-  forward and backward are skipped. The draw comes from a CPU generator: seed it the same on every
-  rank with :func:`set_drop_seed` so that DDP / FSDP ranks agree.
-- ``"subset"``: the branch runs on a random ``(1 - p)`` share of the samples, added back with
-  rescaling (DINOv2); compute falls with ``p`` and every parameter still gets a gradient.
+- :class:`RowDrop` (``drop_mode="row"``): a per-sample mask on the branch output (timm /
+  torchvision ``DropPath``); the branch runs for every sample.
+- :class:`BatchDrop` (``"batch"``): the branch is dropped for the whole mini-batch (Huang et al.
+  2016) and its forward and backward are skipped. Draws come from a counter-based hash of a
+  ``seed`` and a ``step`` buffer (in the state_dict): reproducible from ``torch.manual_seed``
+  (which draws the seed), the same eager and compiled, continued by a resumed checkpoint, and the
+  same on every rank that holds the same buffers (DDP broadcasts them; see
+  :func:`residual.distributed.check_drop_agreement`).
+- :class:`SubsetDrop` (``"subset"``): the branch runs on a random ``(1 - p)`` share of the
+  samples, scattered back with rescaling (DINOv2); compute falls with ``p``.
 
-Draws use torch ops only, and rates live in tensor buffers.
+Rates live in buffers: changing a rate between non-zero values recompiles nothing ("subset"
+excepted: its sample count is a shape).
 
 >>> rates = linear_drop_rates(0.5, 4)
 >>> [round(r, 3) for r in rates]
@@ -20,75 +26,40 @@ Draws use torch ops only, and rates live in tensor buffers.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
+from residual import _branch
+from residual._checkpoint import call_branch
 from residual.errors import ResidualError
 
 __all__ = [
+    "BatchDrop",
     "DROP_MODES",
+    "RowDrop",
+    "SubsetDrop",
     "apply_drop_schedule",
-    "check_drop_rate",
     "drop_path",
     "linear_drop_rates",
-    "row_mask",
-    "set_drop_seed",
+    "make_drop_policy",
+    "optional_drop_state",
 ]
 
 DROP_MODES: tuple[str, ...] = ("row", "batch", "subset")
-"""The stochastic depth modes ``Residual`` accepts."""
+"""The stochastic depth modes: ``Residual(fn, drop_path=p, drop_mode=...)``."""
 
-_generator = torch.Generator(device="cpu")
-_generator.seed()
-_seeded = False
-
-
-def set_drop_seed(seed: int) -> None:
-    """Seed the CPU generator behind ``drop_mode="batch"`` draws.
-
-    Call it with the same seed on every rank (before training) so that all ranks drop the same
-    blocks at the same step: DDP and FSDP then neither hang nor need ``find_unused_parameters``.
-
-    >>> set_drop_seed(0)
-    """
-    global _seeded, _checked_ranks
-    _generator.manual_seed(int(seed))
-    _seeded = True
-    _checked_ranks = False  # check the ranks again at the next draw
+Args = tuple[Any, ...]
+Kwargs = dict[str, Any]
 
 
-_checked_ranks = False
-
-
-def _check_ranks_agree() -> None:
-    """Once per process under torch.distributed: all ranks must share the drop seed."""
-    global _checked_ranks
-    _checked_ranks = True
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    seeds: list[object] = [None] * dist.get_world_size()
-    dist.all_gather_object(seeds, (_generator.initial_seed(), _seeded))
-    if len(set(seeds)) != 1 or not _seeded:
-        raise ResidualError(
-            "drop_mode='batch' under torch.distributed: the ranks would skip different blocks "
-            f"(their drop seeds, seeded: {seeds}); call residual.set_drop_seed(seed) with the "
-            "same seed on every rank before training"
-        )
-
-
-def batch_keep(rate: float) -> bool:
-    """Draw whether the branch runs this step (probability ``1 - rate``), from the shared seed."""
-    if not _checked_ranks:
-        _check_ranks_agree()
-    return bool(torch.rand((), generator=_generator).item() >= rate)
-
-
-def check_drop_rate(caller: str, p: object) -> float:
-    """Return ``p`` as a float if it is a rate in [0, 1), else raise naming it."""
+def check_drop_rate(caller: str, p: object, *, allow_one: bool = False) -> float:
+    """Return ``p`` as a float if it is a rate in [0, 1) ([0, 1] with ``allow_one``)."""
     if isinstance(p, bool) or not isinstance(p, int | float):
         raise TypeError(f"{caller}: drop_path must be a float in [0, 1), got {type(p).__name__}")
-    if not 0.0 <= float(p) < 1.0:
+    top_ok = float(p) <= 1.0 if allow_one else float(p) < 1.0
+    if not (float(p) >= 0.0 and top_ok):
         raise ResidualError(
             f"{caller}: drop_path must be in [0, 1), got {p}; 0 disables stochastic depth "
             "and 1 would drop the branch for good (remove the block instead)"
@@ -96,26 +67,21 @@ def check_drop_rate(caller: str, p: object) -> float:
     return float(p)
 
 
-def row_mask(branch: Tensor, keep: Tensor) -> Tensor:
-    """A (N, 1, ..., 1) mask of 0 and ``1 / keep``, one draw per sample along dim 0.
-
-    ``keep`` is the keep probability ``1 - p`` (a tensor, so that changing it recompiles
-    nothing). Two kernels: a Bernoulli draw and a division.
-
-    >>> import torch
-    >>> m = row_mask(torch.ones(1000, 3), torch.tensor(0.75))
-    >>> m.shape, sorted({round(v, 4) for v in m.flatten().tolist()})
-    (torch.Size([1000, 1]), [0.0, 1.3333])
-    """
-    shape = (branch.shape[0],) + (1,) * (branch.dim() - 1)
-    mask = torch.empty(shape, dtype=branch.dtype, device=branch.device)
+def _row_mask(x: Tensor, keep: Tensor) -> Tensor:
+    """A (N, 1, ..., 1) mask of 0 and ``1 / keep``, one Bernoulli draw per sample."""
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    mask = torch.empty(shape, dtype=x.dtype, device=x.device)
     return mask.bernoulli_(keep).div_(keep)
 
 
-def drop_path(x: Tensor, p: float | Tensor, training: bool = True) -> Tensor:
+def drop_path(
+    x: Tensor, p: float | Tensor = 0.0, training: bool = True, scale_by_keep: bool = True
+) -> Tensor:
     """Drop whole samples of ``x`` with probability ``p`` and rescale the rest ("row" mode).
 
-    The functional twin of ``Residual(fn, drop_path=p)`` for users who write their own add.
+    The functional twin of ``Residual(fn, drop_path=p)`` for users who write their own add,
+    with timm's arguments: ``p = 1`` drops every sample; ``scale_by_keep=False`` leaves the
+    kept samples unscaled.
 
     >>> import torch
     >>> drop_path(torch.ones(2, 3), 0.5, training=False)
@@ -124,42 +90,267 @@ def drop_path(x: Tensor, p: float | Tensor, training: bool = True) -> Tensor:
     """
     if not training:
         return x
-    rate = p if isinstance(p, Tensor) else torch.tensor(check_drop_rate("drop_path", p))
-    return x * row_mask(x, (1.0 - rate).to(x.device))
+    if isinstance(p, Tensor):
+        keep = (1.0 - p).to(device=x.device, dtype=x.dtype)
+    else:
+        rate = check_drop_rate("drop_path", p, allow_one=True)
+        if rate == 0.0:
+            return x
+        if rate == 1.0:
+            return x * 0.0
+        keep = torch.tensor(1.0 - rate, dtype=x.dtype, device=x.device)
+    mask = _row_mask(x, keep)
+    return x * (mask if scale_by_keep else mask * keep)
 
 
-def linear_drop_rates(p_last: float, num_blocks: int) -> list[float]:
-    """Rates ``p_l = p_last * l / L`` for blocks l = 1..L (Huang et al. 2016's linear decay).
+class _Policy(nn.Module):
+    """What the three policies share: a rate, in a buffer, and a readable repr."""
+
+    keep: Tensor
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = check_drop_rate(type(self).__name__, p)
+        self.register_buffer("keep", torch.tensor(1.0 - self.p), persistent=False)
+
+    def set_rate(self, p: float) -> None:
+        """Change the rate in place (a buffer write: no recompile)."""
+        self.p = check_drop_rate(type(self).__name__, p)
+        with torch.no_grad():
+            self.keep.fill_(1.0 - self.p)
+
+    def reset_parameters(self) -> None:
+        """Refill the rate buffer (after ``to_empty`` from the meta device)."""
+        self.set_rate(self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class RowDrop(_Policy):
+    """Per-sample stochastic depth: the branch output of each sample is dropped with prob. p.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from residual import Residual
+    >>> block = Residual(nn.Linear(4, 4), drop_path=0.2)
+    >>> block.drop
+    RowDrop(p=0.2)
+    """
+
+    def forward(
+        self, branch: nn.Module, x: Tensor, shortcut: Tensor, args: Args, kwargs: Kwargs, ckpt: bool
+    ) -> Any:
+        out = call_branch(branch, x, args, kwargs, ckpt)
+        head = _branch.branch_head(out, type(branch).__name__)
+        return _branch.replace_head(out, head * _row_mask(head, self.keep))
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """One round of a 32-bit integer hash (lowbias32), exact in int64 arithmetic."""
+    mask = 0xFFFFFFFF
+    for shift, mult in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        x = x ^ (x >> shift)
+        lo, hi = mult & 0xFFFF, mult >> 16  # split so that no product leaves int64
+        x = (x * lo + (((x * hi) & 0xFFFF) << 16)) & mask
+    return x ^ (x >> 16)
+
+
+def _uniform(seed: Tensor, step: Tensor) -> Tensor:
+    """A uniform draw in [0, 1) that depends only on (seed, step): the same eager and compiled."""
+    h = _mix32((seed & 0xFFFFFFFF) ^ _mix32(step & 0xFFFFFFFF))
+    return h.to(torch.float64) / 4294967296.0
+
+
+class BatchDrop(_Policy):
+    """Whole-batch stochastic depth (Huang et al. 2016): skip the branch with probability p.
+
+    A skipped branch costs nothing: its forward and backward do not run. Its parameters get
+    zero gradients (a zero-valued tie into the graph), so DDP needs no
+    ``find_unused_parameters`` and an optimizer step is the same with or without
+    ``torch.distributed``. Training branches that return tuples need ``"row"``.
+
+    Buffers (in the state_dict): ``seed`` (drawn from torch's RNG at construction) and ``step``
+    (one per training call).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from residual import Residual
+    >>> _ = torch.manual_seed(0)
+    >>> block = Residual(nn.Linear(4, 4), drop_path=0.5, drop_mode="batch")
+    >>> first = [block.drop.draw(step) for step in range(4)]
+    >>> _ = torch.manual_seed(0)
+    >>> again = Residual(nn.Linear(4, 4), drop_path=0.5, drop_mode="batch")
+    >>> [again.drop.draw(step) for step in range(4)] == first
+    True
+    """
+
+    seed: Tensor
+    step: Tensor
+
+    def __init__(self, p: float) -> None:
+        super().__init__(p)
+        self.register_buffer("seed", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self._draw_seed()
+
+    def _draw_seed(self) -> None:
+        with torch.no_grad():
+            self.seed.copy_(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+            self.step.zero_()
+
+    def reset_parameters(self) -> None:
+        """Refill the rate, draw a new seed from torch's RNG and restart the step count."""
+        super().reset_parameters()
+        self._draw_seed()
+
+    def draw(self, step: int | None = None) -> float:
+        """The uniform draw of ``step`` (default: the next one); the branch runs if < 1 - p."""
+        at = self.step if step is None else torch.tensor(step, device=self.step.device)
+        return float(_uniform(self.seed, at))
+
+    def forward(
+        self, branch: nn.Module, x: Tensor, shortcut: Tensor, args: Args, kwargs: Kwargs, ckpt: bool
+    ) -> Tensor:
+        keep = _uniform(self.seed, self.step) < self.keep  # the rate as a buffer: no recompile
+        with torch.no_grad():
+            self.step.add_(1)
+        scale = self.keep
+
+        def ran(x: Tensor, s: Tensor) -> Tensor:
+            return (
+                _tensor_output(call_branch(branch, x, args, kwargs, ckpt), "batch", branch) / scale
+            )
+
+        def skipped(x: Tensor, s: Tensor) -> Tensor:
+            return torch.zeros_like(s)
+
+        if torch.compiler.is_compiling():
+            if any(True for _ in branch.buffers()):
+                # torch.cond forbids a norm's buffer updates: run, then mask.
+                return ran(x, shortcut) * keep.to(device=x.device, dtype=x.dtype)
+            return torch.cond(keep.to(x.device), ran, skipped, (x, shortcut))
+        if bool(keep):
+            return ran(x, shortcut)
+        return skipped(x, shortcut) + _zero_tie(branch, shortcut)
+
+
+def _tensor_output(out: Any, policy: str, branch: nn.Module) -> Tensor:
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"Residual: drop_mode={policy!r} needs a branch that returns a tensor, got "
+            f"{type(out).__name__} from {type(branch).__name__}; use drop_mode='row' for branches "
+            "returning tuples (their other outputs cannot be skipped or subset)"
+        )
+    return out
+
+
+def _zero_tie(branch: nn.Module, like: Tensor) -> Tensor | float:
+    """0, computed from one element of each trainable parameter: they get zero gradients."""
+    params = [p for p in branch.parameters() if p.requires_grad]
+    if not params:
+        return 0.0
+    return torch.stack([p.reshape(-1)[0].to(like.dtype) for p in params]).sum() * 0.0
+
+
+class SubsetDrop(_Policy):
+    """DINOv2's sample subset: the branch runs on ``max(1, int(N (1 - p)))`` random samples.
+
+    Their outputs, scaled by ``N / k``, go back to their rows; the other rows get a zero branch.
+    Compute falls with ``p``; every parameter still gets a gradient. Branches with extra
+    arguments or tuple outputs need ``"row"`` or ``"batch"``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from residual import Residual
+    >>> Residual(nn.Linear(4, 4), drop_path=0.5, drop_mode="subset")(torch.randn(6, 4)).shape
+    torch.Size([6, 4])
+    """
+
+    def forward(
+        self, branch: nn.Module, x: Tensor, shortcut: Tensor, args: Args, kwargs: Kwargs, ckpt: bool
+    ) -> Tensor:
+        if args or kwargs:
+            raise ResidualError(
+                "Residual: drop_mode='subset' runs the branch on a subset of the samples and "
+                "cannot know which extra arguments are per-sample; use drop_mode='row' or "
+                "'batch' for branches that take extra arguments"
+            )
+        n = x.shape[0]
+        k = max(1, int(n * (1.0 - self.p)))
+        # Drawn on the CPU and sorted for a sequential gather; index_select / index_copy, whose
+        # backward is a parallel index_add (advanced indexing's is a serial index_put on CPU).
+        idx = torch.randperm(n)[:k].sort().values.to(x.device, non_blocking=True)
+        out = call_branch(branch, x.index_select(0, idx), (), {}, ckpt)
+        out = _tensor_output(out, "subset", branch)
+        full = out.new_zeros((n, *out.shape[1:]))
+        return full.index_copy(0, idx, out * (n / k))
+
+
+def optional_drop_state(module: nn.Module, keys: Any) -> None:
+    """A ``load_state_dict`` post hook: a BatchDrop's ``seed`` / ``step`` may be absent or extra.
+
+    State dicts of a model with and without batch-mode stochastic depth load into each other; a
+    policy whose keys are missing keeps its own draw state.
+    """
+    for found in (keys.missing_keys, keys.unexpected_keys):
+        found[:] = [
+            k for k in found if k.split(".")[-2:] not in (["drop", "seed"], ["drop", "step"])
+        ]
+
+
+_POLICIES: dict[str, type[_Policy]] = {"row": RowDrop, "batch": BatchDrop, "subset": SubsetDrop}
+
+
+def make_drop_policy(p: float, drop_mode: str) -> nn.Module | None:
+    """The policy module for a rate and a mode; None when ``p == 0`` (nothing to drop).
+
+    >>> make_drop_policy(0.1, "subset")
+    SubsetDrop(p=0.1)
+    """
+    if drop_mode not in _POLICIES:
+        raise ResidualError(
+            f"unknown drop_mode {drop_mode!r}; valid modes are {', '.join(DROP_MODES)}"
+        )
+    rate = check_drop_rate("drop_path", p)
+    return _POLICIES[drop_mode](rate) if rate > 0 else None
+
+
+def linear_drop_rates(drop_path: float, num_blocks: int) -> list[float]:
+    """Rates ``p_l = drop_path * l / L`` for blocks l = 1..L (Huang et al. 2016's linear decay).
 
     >>> linear_drop_rates(0.2, 2)
     [0.1, 0.2]
     """
-    check_drop_rate("linear_drop_rates", p_last)
-    if num_blocks < 1:
-        raise ResidualError(f"linear_drop_rates: num_blocks must be >= 1, got {num_blocks}")
-    return [p_last * (i + 1) / num_blocks for i in range(num_blocks)]
+    check_drop_rate("linear_drop_rates", drop_path)
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+        raise ResidualError(
+            f"linear_drop_rates: num_blocks must be >= 1 (an int), got {num_blocks}"
+        )
+    return [drop_path * (i + 1) / num_blocks for i in range(num_blocks)]
 
 
-def apply_drop_schedule(model: nn.Module, p_last: float, mode: str | None = None) -> list[float]:
-    """Give every ``Residual`` in ``model`` (in module order) a linearly decaying drop rate.
+def apply_drop_schedule(
+    model: nn.Module, drop_path: float, drop_mode: str | None = None
+) -> list[float]:
+    """Give every residual block in ``model`` (module order) a linearly decaying drop rate.
 
-    The first block gets ``p_last / L``, the deepest ``p_last``. Nested residuals count as blocks
-    too. Returns the rates set.
+    A residual block is any module with a ``set_drop_path(drop_path, drop_mode=...)`` method
+    (every ``Residual``). The first gets ``drop_path / L``, the deepest ``drop_path``; nested
+    blocks count too. Returns the rates set.
 
     >>> from torch import nn
     >>> from residual import Residual
     >>> net = nn.Sequential(Residual(nn.Linear(4, 4)), Residual(nn.Linear(4, 4)))
-    >>> apply_drop_schedule(net, 0.3, mode="row")
+    >>> apply_drop_schedule(net, 0.3, drop_mode="row")
     [0.15, 0.3]
     """
-    from residual.core import Residual
-
-    blocks = [m for m in model.modules() if isinstance(m, Residual)]
+    blocks = [m for m in model.modules() if callable(getattr(m, "set_drop_path", None))]
     if not blocks:
         raise ResidualError(
             f"apply_drop_schedule: {type(model).__name__} holds no Residual block to drop"
         )
-    rates = linear_drop_rates(p_last, len(blocks))
+    rates = linear_drop_rates(drop_path, len(blocks))
     for block, rate in zip(blocks, rates, strict=True):
-        block.set_drop_path(rate, mode=mode)
+        block.set_drop_path(rate, drop_mode=drop_mode)  # type: ignore[operator]
     return rates

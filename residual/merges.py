@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from residual._dims import read_branch_dims
 from residual._types import Layout, check_layout, check_positive_int
 from residual.errors import ResidualError
 
@@ -230,7 +231,20 @@ class GRUGate(nn.Module):
         return f"{self.dim}, layout={self.layout!r}"
 
 
-def merge_dim(merge: nn.Module) -> int | None:
-    """The channel count a merge was built for, or None if it takes any."""
-    dim = getattr(merge, "dim", None)
-    return dim if isinstance(dim, int) else None
+def check_merge_fits(merge: nn.Module, branch: nn.Module) -> None:
+    """Raise if a merge with per-channel parameters cannot fit the branch's output.
+
+    Merges that hold per-channel parameters declare ``dim`` and ``layout``; where the branch's
+    output channels and layout can be read for certain, both must agree (otherwise the merge
+    checks the shapes it gets at call time).
+    """
+    dim, layout = getattr(merge, "dim", None), getattr(merge, "layout", None)
+    dims = read_branch_dims(branch)
+    if not isinstance(dim, int) or dims is None:
+        return
+    if dim != dims.out_channels or (layout is not None and layout != dims.layout):
+        raise ResidualError(
+            f"Residual: merge {type(merge).__name__} was built for {dim} channels ({layout}) "
+            f"but the branch outputs {dims.out_channels} ({dims.layout}); build it with "
+            f"{type(merge).__name__}({dims.out_channels}, layout={dims.layout!r})"
+        )

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from residual._checkpoint import _FrozenNormStats
-from residual._inspect import infer_branch_dims
+from residual._checkpoint import FrozenNormStats
+from residual._dims import read_branch_dims
 from residual._types import Layout, check_layout
 from residual.errors import ResidualError
 
@@ -67,7 +67,7 @@ class Reversible(nn.Module):
         for name, m in (("f", f), ("g", g)):
             if not isinstance(m, nn.Module):
                 raise TypeError(f"Reversible: {name} must be an nn.Module, got {type(m).__name__}")
-            dims = infer_branch_dims(m)
+            dims = read_branch_dims(m)
             if dims is not None and (dims.in_channels != dims.out_channels or dims.stride != 1):
                 raise ResidualError(
                     f"Reversible: {name} maps {dims.in_channels} -> {dims.out_channels} channels "
@@ -142,7 +142,7 @@ class _ReversibleFunction(torch.autograd.Function):
             dy1, dy2 = block._halves(dy)
             g_params = [p for p in block.g.parameters() if p.requires_grad]
             f_params = [p for p in block.f.parameters() if p.requires_grad]
-            with torch.enable_grad(), _FrozenNormStats(block):
+            with torch.enable_grad(), FrozenNormStats(block):
                 y1_ = y1.requires_grad_()
                 gy1 = sg.run(block.g, y1_)
                 dg = torch.autograd.grad(gy1, [y1_, *g_params], dy2, allow_unused=True)

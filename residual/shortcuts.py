@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from residual._dims import read_branch_dims
 from residual._types import Layout, ModuleFactory, check_layout, check_positive_int
 from residual.errors import ResidualError
 
@@ -30,6 +31,7 @@ __all__ = [
     "SHORTCUTS",
     "ZeroPadShortcut",
     "resolve_shortcut",
+    "shortcut_for",
 ]
 
 SHORTCUTS: tuple[str, ...] = (
@@ -366,6 +368,41 @@ def resolve_shortcut(
         layout=layout,
         spatial_dims=spatial_dims,
         norm_layer=norm_layer,
+    )
+
+
+def shortcut_for(spec: str | nn.Module | None, branch: nn.Module) -> nn.Module:
+    """The shortcut ``Residual(branch, shortcut=spec)`` uses.
+
+    A module is used as it is; ``"identity"`` (and None) and ``"none"`` never look at the
+    branch. Other names need the branch's channels and stride: they are read where the reading
+    is certain (``residual._dims``), else the caller is asked for the module.
+
+    >>> from torch import nn
+    >>> shortcut_for("zero_pad", nn.Conv2d(16, 32, 3, stride=2, padding=1))
+    ZeroPadShortcut(16, 32, stride=2, layout='channels_first', placement='end')
+    """
+    if isinstance(spec, nn.Module):
+        return spec
+    name = "identity" if spec is None else spec
+    if name in ("identity", "none") or not isinstance(name, str) or name not in SHORTCUTS:
+        return resolve_shortcut(name)  # raises for unknown names and wrong types
+    dims = read_branch_dims(branch)
+    if dims is None:
+        raise ResidualError(
+            f"Residual: shortcut {name!r} needs the branch's channels and stride, and "
+            f"{type(branch).__name__} does not show them for certain (a custom forward, or "
+            "layers whose order or padding do not fix them); pass the module instead, e.g. "
+            "shortcut=ProjectionShortcut(in_channels, out_channels, stride=s) or "
+            "ZeroPadShortcut(in_channels, out_channels, stride=s)"
+        )
+    return resolve_shortcut(
+        name,
+        in_channels=dims.in_channels,
+        out_channels=dims.out_channels,
+        stride=dims.stride,
+        layout=dims.layout,
+        spatial_dims=dims.spatial_dims,
     )
 
 

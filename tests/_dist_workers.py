@@ -20,8 +20,9 @@ import torch.distributed.nn  # before the first init_process_group
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from residual import Residual, set_drop_seed
-from residual.distributed import shard_residual_blocks
+from residual import Residual
+from residual.distributed import check_drop_agreement, shard_residual_blocks
+from residual.drop import BatchDrop
 from residual.models import ResidualMLP, TransformerEncoderLayer, cifar_resnet
 
 STEPS = 3
@@ -46,7 +47,7 @@ def build(kind: str, drop_mode: str | None = None, checkpoint: bool = False) -> 
         if drop_mode:
             for m in model.modules():
                 if isinstance(m, Residual):
-                    m.set_drop_path(m.drop_path, mode=drop_mode)
+                    m.set_drop_path(m.drop_path, drop_mode=drop_mode)
         return model
     raise ValueError(kind)
 
@@ -102,13 +103,16 @@ def _train(rank: int, job: dict[str, Any]) -> dict[str, Any]:
     kind, wrapper = job["kind"], job["wrapper"]
     if kind == "mixed_precision":
         return _mixed_precision()
-    if job.get("drop_mode") == "batch":
-        set_drop_seed(job.get("seed", 0) + (rank if job.get("mismatch") else 0))
     model = build(kind, job.get("drop_mode"), job.get("checkpoint", False))
+    if job.get("mismatch"):  # as if each rank had built its model after its own seed
+        for m in model.modules():
+            if isinstance(m, BatchDrop):
+                m.seed.fill_(1000 + rank)
     if wrapper == "ddp":
         model = DistributedDataParallel(model)  # find_unused_parameters stays False
     else:
         shard_residual_blocks(model)
+    check_drop_agreement(model)  # the explicit check: one collective, outside the step
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     half = slice(rank * GLOBAL_BATCH // 2, (rank + 1) * GLOBAL_BATCH // 2)
     for x, y in batches(kind):
@@ -167,5 +171,7 @@ def worker(rank: int, world: int, store: str, jobs: list[dict[str, Any]], out: s
                 break
     finally:
         left = teardown()
-        torch.save({"results": results, "gloo_threads_left": left, "pid": os.getpid()},
-                   Path(out) / f"rank{rank}.pt")
+        torch.save(
+            {"results": results, "gloo_threads_left": left, "pid": os.getpid()},
+            Path(out) / f"rank{rank}.pt",
+        )

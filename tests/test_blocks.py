@@ -103,13 +103,13 @@ def test_default_shortcut_choice() -> None:
 
 
 def test_zero_init_gives_shortcut_then_relu() -> None:
-    block = ResidualBlock(8, 8, zero_init=True).eval()
+    block = ResidualBlock(8, 8, zero_init_residual=True).eval()
     x = torch.randn(2, 8, 5, 5)
     torch.testing.assert_close(block(x), torch.relu(x), atol=0, rtol=0)
-    bottleneck = Bottleneck(32, 8, zero_init=True).eval()
+    bottleneck = Bottleneck(32, 8, zero_init_residual=True).eval()
     x = torch.randn(2, 32, 5, 5)
     torch.testing.assert_close(bottleneck(x), torch.relu(x), atol=0, rtol=0)
-    preact = PreActBlock(8, 8, zero_init=True)
+    preact = PreActBlock(8, 8, zero_init_residual=True)
     torch.testing.assert_close(preact(x[:, :8]), x[:, :8], atol=0, rtol=0)
 
 

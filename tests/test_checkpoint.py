@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from residual import Residual, ResidualBlock
+from residual.models import TransformerEncoderLayer
 
 
 def _branch() -> nn.Sequential:
@@ -123,3 +126,107 @@ def test_norm_statistics_once_for_both_momentum_kinds(momentum) -> None:
     for (name, a), b in zip(plain.named_buffers(), ckpt.buffers(), strict=True):
         torch.testing.assert_close(b, a, msg=name)
     assert ckpt.fn[1].momentum == momentum
+
+
+def _mlp() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh()
+    )
+
+
+class _Case(NamedTuple):
+    build: Callable[[bool], nn.Module]  # checkpoint -> model
+    shape: tuple[int, ...]
+    branches: Callable[[nn.Module], list[nn.Module]]
+
+
+_CASES = {
+    "Residual": _Case(lambda ck: Residual(_mlp(), checkpoint=ck), (4, 8), lambda m: [m.fn]),
+    "Residual-subset-drop": _Case(
+        lambda ck: Residual(_mlp(), drop_path=0.5, drop_mode="subset", checkpoint=ck),
+        (4, 8),
+        lambda m: [m.fn],
+    ),
+    "ResidualBlock": _Case(
+        lambda ck: ResidualBlock(8, 8, checkpoint=ck), (2, 8, 5, 5), lambda m: [m.fn]
+    ),
+    # batch == length: the input fits batch-first and sequence-first layouts alike
+    "TransformerEncoderLayer": _Case(
+        lambda ck: TransformerEncoderLayer(16, 2, dim_feedforward=32, checkpoint=ck),
+        (4, 4, 16),
+        lambda m: [m.self_attn_block.fn, m.ff_block.fn],
+    ),
+}
+
+
+def _count_calls(modules: list[nn.Module]) -> list[int]:
+    """A list whose entries count the forward calls of ``modules``, kept up to date by hooks.
+
+    Pre-hooks: the recomputation stops early, once it has what backward needs, so a forward
+    (post-)hook would miss it.
+    """
+    calls = [0] * len(modules)
+    for i, m in enumerate(modules):
+
+        def hook(*_: object, i: int = i) -> None:
+            calls[i] += 1
+
+        m.register_forward_pre_hook(hook)
+    return calls
+
+
+def _saved_tensors(model: nn.Module, x: torch.Tensor) -> int:
+    """How many tensors one forward saves for backward (then runs backward, when there is one)."""
+    count = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal count
+        count += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = model(x)
+    if y.requires_grad:
+        y.sum().backward()
+    return count
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("case", list(_CASES), ids=str)
+def test_checkpointed_branch_reruns_in_backward(case: str, checkpointed: bool) -> None:
+    build, shape, branches = _CASES[case]
+    model = build(checkpointed).train()
+    calls = _count_calls(branches(model))
+    y = model(torch.randn(shape, requires_grad=True))
+    assert calls == [1] * len(calls)
+    y.square().sum().backward()
+    # checkpointing recomputes every branch once in backward; without it nothing reruns
+    assert calls == [2 if checkpointed else 1] * len(calls)
+
+
+@pytest.mark.parametrize("case", list(_CASES), ids=str)
+def test_checkpointed_branch_saves_fewer_tensors(case: str) -> None:
+    build, shape, _ = _CASES[case]
+    plain, ckpt = build(False).train(), build(True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(shape, requires_grad=True)
+    stored, recomputed = _saved_tensors(plain, x), _saved_tensors(ckpt, x)
+    assert recomputed < stored, (recomputed, stored)
+
+
+@pytest.mark.parametrize("mode", ["eval", "no_grad"])
+@pytest.mark.parametrize("case", list(_CASES), ids=str)
+def test_checkpoint_is_inactive_in_eval_and_without_grad(case: str, mode: str) -> None:
+    build, shape, branches = _CASES[case]
+    plain, ckpt = build(False), build(True)
+    ckpt.load_state_dict(plain.state_dict())
+    if mode == "eval":
+        plain.eval()
+        ckpt.eval()
+    calls = _count_calls(branches(ckpt))
+    x = torch.randn(shape, requires_grad=True)
+    grad = torch.enable_grad() if mode == "eval" else torch.no_grad()
+    with grad:
+        # activations stored as without checkpointing, and the branch runs once: no recompute
+        assert _saved_tensors(ckpt, x) == _saved_tensors(plain, x)
+    assert calls == [1] * len(calls)

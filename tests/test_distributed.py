@@ -87,11 +87,18 @@ def test_every_drop_mode_trains_without_unused_parameter_settings(
 
 
 def test_ranks_with_different_drop_seeds_get_an_error_not_a_hang(tmp_path: Path) -> None:
-    jobs = [{"kind": "mlp", "wrapper": "ddp", "drop_mode": "batch", "mismatch": True}]
+    """FSDP keeps each rank's buffers: the explicit check finds the disagreement on every rank.
+    DDP broadcasts rank 0's buffers when it wraps the model: the same ranks then agree."""
+    jobs = [
+        {"kind": "mlp", "wrapper": "ddp", "drop_mode": "batch", "mismatch": True},
+        {"kind": "mlp", "wrapper": "fsdp2", "drop_mode": "batch", "mismatch": True},
+    ]
     ranks = run_workers(jobs, tmp_path)
     for rank in ranks:
-        assert "error" in rank[0]
-        assert "set_drop_seed(seed) with the same seed on every rank" in rank[0]["error"]
+        assert "error" not in rank[0], rank[0].get("trace")
+        assert "error" in rank[1]
+        assert "check_drop_agreement" in rank[1]["error"]
+        assert "torch.manual_seed(seed) on every rank" in rank[1]["error"]
 
 
 def test_fsdp2_mixed_precision_keeps_the_fp32_stream(tmp_path: Path) -> None:

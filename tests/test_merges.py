@@ -10,7 +10,6 @@ import torchinfo
 from torch import nn
 
 from residual import (
-    Add,
     GRUGate,
     HighwayGate,
     LayerScale,
@@ -18,8 +17,8 @@ from residual import (
     ResidualError,
     ReZero,
     ScaledAdd,
-    deepnorm_scales,
 )
+from residual.merges import Add, deepnorm_scales
 
 
 def test_add_and_scaled_add() -> None:

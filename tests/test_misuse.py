@@ -29,10 +29,9 @@ from residual import (
     ReZero,
     ZeroPadShortcut,
     apply_drop_schedule,
-    deepnorm_scales,
-    linear_drop_rates,
-    resolve_shortcut,
 )
+from residual.drop import linear_drop_rates
+from residual.merges import deepnorm_scales
 from residual.models import (
     MLPMixer,
     ResidualLSTM,
@@ -43,6 +42,7 @@ from residual.models import (
     resnet18,
     resnet50,
 )
+from residual.shortcuts import resolve_shortcut
 
 
 @dataclass(frozen=True)
@@ -128,23 +128,24 @@ CATALOGUE: list[Misuse] = [
     Misuse(
         "identity-on-widening",
         "an identity shortcut beside a branch that changes channels",
-        lambda: Residual(nn.Linear(4, 8)),
+        lambda: Residual(nn.Linear(4, 8))(torch.randn(2, 4)),
         ResidualError,
-        r"maps 4 -> 8 channels.*use shortcut=\"projection\" or \"zero_pad\"",
+        r"\(2, 8\) does not match shortcut output \(2, 4\).*\"projection\".*"
+        r"ProjectionShortcut\(4, 8, stride=1, layout='channels_last'\)",
     ),
     Misuse(
         "identity-on-stride",
         "an identity shortcut beside a strided conv",
-        lambda: Residual(nn.Conv2d(4, 4, 3, stride=2, padding=1)),
+        lambda: Residual(nn.Conv2d(4, 4, 3, stride=2, padding=1))(torch.randn(2, 4, 8, 8)),
         ResidualError,
-        "stride 2",
+        "stride=2",
     ),
     Misuse(
         "projection-unknown-dims",
         "a named shortcut beside a branch whose channels cannot be read",
         lambda: Residual(nn.ReLU(), "projection"),
         ResidualError,
-        "cannot read the channel counts.*ProjectionShortcut",
+        "needs the branch's channels and stride.*ProjectionShortcut",
     ),
     Misuse(
         "zero-pad-shrinks",
@@ -251,7 +252,7 @@ CATALOGUE: list[Misuse] = [
         "a LayerScale built for other channels than the branch outputs",
         lambda: Residual(nn.Linear(4, 8), "projection", merge=LayerScale(4)),
         ResidualError,
-        "built for 4 channels but the branch outputs 8; build it with dim=8",
+        r"built for 4 channels \(channels_last\) but the branch outputs 8.*LayerScale\(8",
     ),
     Misuse(
         "gate-dim-at-call",
@@ -481,9 +482,9 @@ CATALOGUE: list[Misuse] = [
     Misuse(
         "rezero-on-mismatch",
         "ReZero beside a widening branch with no shortcut to match",
-        lambda: Residual(nn.Linear(4, 8), merge=ReZero()),
+        lambda: Residual(nn.Linear(4, 8), merge=ReZero())(torch.randn(2, 4)),
         ResidualError,
-        "maps 4 -> 8 channels",
+        r"\(2, 8\) does not match shortcut output \(2, 4\)",
     ),
 ]
 

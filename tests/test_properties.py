@@ -111,7 +111,9 @@ def test_output_is_shortcut_plus_branch(c: dict) -> None:
 def test_zero_initialised_branch_is_the_identity(kind: str, channels: int, batch: int) -> None:
     x = torch.randn(batch, channels, 5, 5)
     if kind == "zero_init":
-        block = ResidualBlock(channels, channels, zero_init=True, act_layer=nn.Identity).eval()
+        block = ResidualBlock(
+            channels, channels, zero_init_residual=True, act_layer=nn.Identity
+        ).eval()
     elif kind == "rezero":
         block = Residual(nn.Conv2d(channels, channels, 3, padding=1), merge=ReZero())
     else:

@@ -9,7 +9,6 @@ import pytest
 import residual
 
 PUBLIC = [
-    "Add",
     "Bottleneck",
     "GRUGate",
     "HighwayGate",
@@ -27,11 +26,7 @@ PUBLIC = [
     "ZeroPadShortcut",
     "__version__",
     "apply_drop_schedule",
-    "deepnorm_scales",
     "drop_path",
-    "linear_drop_rates",
-    "resolve_shortcut",
-    "set_drop_seed",
 ]
 
 
@@ -49,6 +44,9 @@ def test_top_level_names_are_pinned() -> None:
         "residual.merges",
         "residual.drop",
         "residual.errors",
+        "residual.hyper",
+        "residual.reversible",
+        "residual.distributed",
         "residual.blocks",
         "residual.diagnostics",
         "residual.models",
@@ -82,5 +80,23 @@ def test_design_md_model_names() -> None:
     assert callable(models.TransformerEncoderLayer.from_torch)
 
 
-def test_block_is_a_residual() -> None:
-    assert isinstance(residual.ResidualBlock(64, 64), residual.Residual)
+@pytest.mark.parametrize(
+    "block",
+    [
+        lambda: residual.ResidualBlock(64, 64),
+        lambda: residual.Bottleneck(64, 16),
+        lambda: residual.PreActBlock(16, 32, stride=2),
+    ],
+    ids=["ResidualBlock", "Bottleneck", "PreActBlock"],
+)
+def test_blocks_are_residual_classes(block) -> None:
+    built = block()
+    assert isinstance(built, residual.Residual)
+    assert isinstance(built, getattr(residual, type(built).__name__))
+
+
+def test_the_top_level_stays_small_and_submodules_load_on_use() -> None:
+    assert len(residual.__all__) <= 20
+    assert residual.hyper.hyper_residual is not None  # `import residual; residual.hyper`
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        residual.nope  # noqa: B018

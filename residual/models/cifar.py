@@ -109,7 +109,7 @@ def cifar_resnet(
             width,
             stride,
             shortcut="none" if plain else None if cin == width and stride == 1 else shortcut,
-            zero_init=zero_init_residual,
+            zero_init_residual=zero_init_residual,
             drop_path=rate,
             drop_mode=drop_mode,
             checkpoint=checkpoint,

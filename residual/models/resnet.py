@@ -82,7 +82,7 @@ class ResNet(nn.Module):
         expansion = 4 if block == "bottleneck" else 1
         options: dict[str, Any] = {
             "norm_layer": norm_layer,
-            "zero_init": zero_init_residual,
+            "zero_init_residual": zero_init_residual,
             "drop_mode": drop_mode,
             "checkpoint": checkpoint,
         }

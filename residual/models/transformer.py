@@ -15,12 +15,11 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from residual._compat import HAS_FUSED_ENCODER_LAYER, fused_encoder_layer
 from residual._types import DropMode, check_positive_int
 from residual.core import Residual
 from residual.drop import apply_drop_schedule, check_drop_rate
 from residual.errors import ResidualError
-from residual.models.attention import AttentionBranch, FeedForward, SelfAttention, attention_mask
+from residual.models.attention import AttentionBranch, FeedForward, SelfAttention
 
 __all__ = ["CausalTransformerLM", "TransformerEncoderLayer", "gpt_block"]
 
@@ -97,70 +96,10 @@ class TransformerEncoderLayer(nn.Module):
         src_key_padding_mask: Tensor | None = None,
         is_causal: bool = False,
     ) -> Tensor:
-        if not self.training and self._fused_inference_ok(src):
-            return self._fused_inference(src, src_mask, src_key_padding_mask, is_causal)
         x = self.self_attn_block(
             src, attn_mask=src_mask, key_padding_mask=src_key_padding_mask, is_causal=is_causal
         )
         return self.ff_block(x)
-
-    def _fused_inference_ok(self, src: Tensor) -> bool:
-        """The conditions of torch's own fast path: inference, plain modules, no hooks."""
-        if not HAS_FUSED_ENCODER_LAYER or src.dim() != 3 or torch.is_autocast_enabled():
-            return False
-        if torch.compiler.is_compiling():  # inductor fuses the composed layer itself
-            return False
-        attn_branch = cast(AttentionBranch, self.self_attn_block.fn)
-        ff = cast(FeedForward, self.ff_block.fn)
-        attention = attn_branch.attention
-        if attention.in_proj.bias is None or attention.nhead % 2 or src.is_nested:
-            return False
-        act = ff.activation
-        if type(act) is not nn.ReLU and not (type(act) is nn.GELU and act.approximate == "none"):
-            return False
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-            return False
-        blocks = (self.self_attn_block, self.ff_block)
-        if any(b.merge is not None or b.residual_in_fp32 for b in blocks):
-            return False
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
-
-    def _fused_inference(
-        self,
-        src: Tensor,
-        src_mask: Tensor | None,
-        src_key_padding_mask: Tensor | None,
-        is_causal: bool,
-    ) -> Tensor:
-        attention = cast(AttentionBranch, self.self_attn_block.fn).attention
-        ff = cast(FeedForward, self.ff_block.fn)
-        n, length, _ = src.shape
-        if is_causal and src_mask is None:
-            src_mask = nn.Transformer.generate_square_subsequent_mask(
-                length, device=src.device, dtype=src.dtype
-            )
-        mask = attention_mask(src_mask, src_key_padding_mask, n, attention.nhead, length, src.dtype)
-        if mask is not None:
-            mask = mask.expand(n, attention.nhead, length, length)
-        norm1, norm2 = self._norm(1), self._norm(2)
-
-        def pair(m: nn.Module) -> tuple[Tensor, Tensor]:
-            return m.weight, m.bias  # type: ignore[return-value]
-
-        return fused_encoder_layer(
-            src,
-            attention.nhead,
-            pair(attention.in_proj),
-            pair(attention.out_proj),
-            pair(ff.linear1),
-            pair(ff.linear2),
-            pair(norm1),
-            pair(norm2),
-            cast(nn.LayerNorm, norm1).eps,
-            type(ff.activation) is nn.GELU,
-            self.norm_first,
-            mask,
-        )
 
     @classmethod
     def from_torch(cls, layer: nn.TransformerEncoderLayer) -> TransformerEncoderLayer:
@@ -172,7 +111,7 @@ class TransformerEncoderLayer(nn.Module):
         attn = layer.self_attn
         if not attn.batch_first:
             raise ResidualError("from_torch: the torch layer must be built with batch_first=True")
-        if not attn._qkv_same_embed_dim:
+        if attn.in_proj_weight is None:
             raise ResidualError("from_torch: separate q/k/v projection weights are not supported")
         activation = layer.activation
         ours = cls(

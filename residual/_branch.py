@@ -1,0 +1,133 @@
+"""The small checks and conversions around a branch call, as FX leaf functions (private).
+
+``torch.fx.symbolic_trace`` records each of these as one ``call_function`` node instead of
+tracing into it, so the checks that look at types and shapes run on real tensors when the traced
+graph runs, and Python control flow on shapes never meets a ``Proxy``. Eager and
+``torch.compile`` simply call them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from residual.errors import ResidualError
+
+
+def check_main_input(x: Any) -> None:
+    """Raise unless ``x`` is a floating point (or complex) tensor: the residual stream."""
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"Residual: the first argument must be the main tensor, got {type(x).__name__}; "
+            "call block(x, *args, **kwargs)"
+        )
+    if not (x.is_floating_point() or x.is_complex()):
+        raise TypeError(
+            f"Residual: the main tensor must be floating point, got {x.dtype}; convert it "
+            "(x.float()) or embed token ids first (nn.Embedding) and wrap what follows"
+        )
+
+
+def branch_head(out: Any, branch: str) -> Tensor:
+    """The tensor a branch output contributes: itself, or the first element of its tuple."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, tuple) and out and isinstance(out[0], Tensor):
+        return out[0]
+    got = type(out).__name__ if not isinstance(out, tuple) else "a tuple not led by a tensor"
+    raise TypeError(
+        f"Residual: branch {branch} returned {got}; it must return a tensor, or a tuple whose "
+        "first element is the tensor to add (the rest is passed through)"
+    )
+
+
+def with_rest(y: Tensor, out: Any) -> Any:
+    """``y`` in place of the branch output's head: ``y``, or ``(y, *out[1:])`` for a tuple."""
+    return y if isinstance(out, Tensor) else (y, *out[1:])
+
+
+def replace_head(out: Any, head: Tensor) -> Any:
+    """The branch output with its head replaced (the tensor, or the tuple's first element)."""
+    return head if isinstance(out, Tensor) else (head, *out[1:])
+
+
+def promote_fp32(t: Tensor) -> Tensor:
+    """At least float32: half types go up, float64 and complex stay as they are."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def check_same_shape(branch: Tensor, shortcut: Tensor, shortcut_name: str, layout: str) -> None:
+    """Raise a ResidualError naming both shapes unless the branch and shortcut shapes match."""
+    if branch.shape != shortcut.shape:
+        raise ResidualError(
+            f"Residual: branch output {tuple(branch.shape)} does not match shortcut output "
+            f"{tuple(shortcut.shape)} ({shortcut_name}); {mismatch_hint(branch, shortcut, layout)}"
+        )
+
+
+def _stride_between(size_in: list[int], size_out: list[int]) -> int | None:
+    """The smallest s with ceil(h / s) == h' for every pair, as a stride-s shortcut gives."""
+    for s in range(1, max(size_in, default=1) + 1):
+        if all(-(-h // s) == h2 for h, h2 in zip(size_in, size_out, strict=True)):
+            return s
+    return None
+
+
+def mismatch_hint(branch: Tensor, shortcut: Tensor, layout: str) -> str:
+    """A fix that works for the mismatch, or the honest advice when no shortcut can fix it.
+
+    ``layout`` is the shortcut's, or "" when it declares none: then a channel-first reading is
+    tried first for tensors of rank 3 and more, and the channel-last one after it.
+    """
+    b, s = branch.shape, shortcut.shape
+    if len(b) != len(s):
+        return "the branch must keep the input's rank; check the layout and any reshape in fn"
+    if b[0] != s[0]:
+        return "the branch changed the batch size; a residual block must keep it"
+    tries = [layout] if layout else ["channels_first", "channels_last"][len(b) < 3 :]
+    hints = [_hint_for(b, s, t) for t in tries]
+    return next((h for fix, h in hints if fix), hints[0][1])
+
+
+def _hint_for(b: torch.Size, s: torch.Size, layout: str) -> tuple[bool, str]:
+    axis = 1 if layout == "channels_first" else len(b) - 1
+    other = [i for i in range(1, len(b)) if i != axis]
+    if layout == "channels_last" and any(b[i] != s[i] for i in other):
+        return False, (
+            "the branch changes a non-channel dim of a channel-last stream (e.g. the sequence "
+            "length); both paths must keep the same positions"
+        )
+    if any(b[i] > s[i] for i in other):
+        return False, (
+            "the branch enlarges a spatial dim (upsampling); no strided shortcut matches it: "
+            "pass a shortcut module that upsamples the input the same way"
+        )
+    stride = _stride_between([s[i] for i in other], [b[i] for i in other]) if other else 1
+    if stride is None:
+        return False, (
+            "the branch's spatial size is not ceil(H / stride) of the input's (an unpadded "
+            "conv?); pad the branch's convs, or pass a shortcut module that crops the same way"
+        )
+    c_in, c_out = s[axis], b[axis]
+    dims = f", spatial_dims={len(other)}" if layout == "channels_first" and len(other) != 2 else ""
+    fix = f"ProjectionShortcut({c_in}, {c_out}, stride={stride}, layout={layout!r}{dims})"
+    if c_out >= c_in:
+        pad = f"ZeroPadShortcut({c_in}, {c_out}, stride={stride}, layout={layout!r})"
+        return True, (
+            f'use a "projection" shortcut, shortcut={fix}, or a "zero_pad" one (no '
+            f"parameters), shortcut={pad}"
+        )
+    return True, f'use a "projection" shortcut to reduce channels: shortcut={fix}'
+
+
+for _name in (
+    "check_main_input",
+    "branch_head",
+    "with_rest",
+    "replace_head",
+    "promote_fp32",
+    "check_same_shape",
+):
+    torch.fx.wrap(_name)
