@@ -18,7 +18,7 @@ from residual import _branch
 from residual._checkpoint import call_branch
 from residual._types import DropMode
 from residual.drop import make_drop_policy, optional_drop_state
-from residual.errors import ResidualError
+from residual.errors import ResidualError, check_module
 from residual.merges import check_merge_fits
 from residual.shortcuts import NoShortcut, shortcut_for
 
@@ -34,23 +34,6 @@ class _Part:
     def __get__(self, block: nn.Module | None, owner: type | None = None) -> Any:
         return self if block is None else block._modules.get(self.name)
 
-    def __set__(self, block: nn.Module, value: nn.Module | None) -> None:
-        if value is not None:  # nn.Module.__setattr__ registers modules before reaching here
-            raise TypeError(f"Residual: {self.name} must be an nn.Module or None")
-        block._modules.pop(self.name, None)
-
-
-def _check_module(name: str, value: object) -> None:
-    if not isinstance(value, nn.Module):
-        hint = (
-            "; wrap a function in an nn.Module (lambdas cannot be pickled)"
-            if callable(value)
-            else ""
-        )
-        raise TypeError(
-            f"Residual: {name} must be a torch.nn.Module, got {type(value).__name__}{hint}"
-        )
-
 
 class Residual(nn.Module):
     """A residual block around any module: ``H(x) = post(merge(S(x), drop(F(x))))``.
@@ -58,8 +41,8 @@ class Residual(nn.Module):
     The main tensor is the first positional argument; further args and kwargs (masks, states) go
     to ``fn`` untouched. If ``fn`` returns a tuple, its first element is the branch output and the
     rest is passed through: ``Residual(nn.LSTM(...))(x)`` returns ``(x + out, (h, c))``. Shortcut
-    and branch must have the same shape: no broadcasting, a mismatch raises at call time. The add
-    is out of place, so in-place activations around the block are safe.
+    and branch must have the same shape (no broadcasting: a mismatch raises when called). The add
+    is out of place.
 
     Args:
         fn: the branch F, any ``nn.Module``.
@@ -78,12 +61,12 @@ class Residual(nn.Module):
         residual_in_fp32: merge (and return) at least float32, for mixed-precision streams.
 
     Raises:
-        TypeError: ``fn``, ``merge``, ``post``, ``pre`` or ``shortcut`` is not a module (or name).
+        TypeError: a part is not a module (or the shortcut not a name).
         ResidualError: an unknown name or mode, a rate outside [0, 1), a branch whose dimensions
             a named shortcut cannot read, or a merge built for other channels.
 
-    State dict keys: ``fn.*``, ``shortcut.*``, ``merge.*``, ``post.*``, ``pre.*``, and
-    ``drop.seed`` / ``drop.step`` with ``drop_mode="batch"``.
+    State dict keys: ``fn.*``, ``shortcut.*``, ``merge.*``, ``post.*``, ``pre.*`` (and
+    ``drop.seed`` / ``drop.step`` with ``drop_mode="batch"``).
 
     >>> import torch
     >>> from torch import nn
@@ -119,12 +102,12 @@ class Residual(nn.Module):
         residual_in_fp32: bool = False,
     ) -> None:
         super().__init__()
-        _check_module("fn", fn)
+        check_module("Residual", "fn", fn)
         self.fn = fn
         self.shortcut = shortcut_for(shortcut, fn)
         for name, part in (("merge", merge), ("post", post), ("pre", pre)):
             if part is not None:
-                _check_module(name, part)
+                check_module("Residual", name, part)
                 setattr(self, name, part)
         if merge is not None:
             if isinstance(self.shortcut, NoShortcut):
@@ -132,20 +115,20 @@ class Residual(nn.Module):
             check_merge_fits(merge, fn)
         self.checkpoint = bool(checkpoint)
         self.residual_in_fp32 = bool(residual_in_fp32)
-        self._drop_mode: str = "row"
+        self.drop_mode: str = "row"  # with drop_path: set by set_drop_path only
         self.set_drop_path(drop_path, drop_mode=drop_mode)
         self.register_load_state_dict_post_hook(optional_drop_state)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if value is None and isinstance(getattr(type(self), name, None), _Part):
+            self._modules.pop(name, None)  # removing a part removes it from the module tree
+            return
+        super().__setattr__(name, value)
 
     @property
     def drop_path(self) -> float:
         """The stochastic depth rate (0 when the block drops nothing)."""
-        policy = self.drop
-        return float(policy.p) if policy is not None else 0.0
-
-    @property
-    def drop_mode(self) -> str:
-        """The stochastic depth mode: "row", "batch" or "subset"."""
-        return self._drop_mode
+        return float(self.drop.p) if self.drop is not None else 0.0
 
     def set_drop_path(self, drop_path: float, *, drop_mode: str | None = None) -> None:
         """Set the stochastic depth rate (and optionally the mode) in place.
@@ -159,7 +142,7 @@ class Residual(nn.Module):
         >>> block.drop_path, block.drop_mode
         (0.2, 'batch')
         """
-        mode = self._drop_mode if drop_mode is None else drop_mode
+        mode = self.drop_mode if drop_mode is None else drop_mode
         policy = make_drop_policy(drop_path, mode)
         if policy is not None and isinstance(self.shortcut, NoShortcut):
             raise ResidualError(
@@ -168,15 +151,15 @@ class Residual(nn.Module):
             )
         current = self.drop
         if policy is None:
-            self._modules.pop("drop", None)
+            self.drop = None
         elif type(current) is type(policy):
             current.set_rate(policy.p)  # type: ignore[operator]
         else:
             self.drop = policy
-        self._drop_mode = mode
+        self.drop_mode = mode
 
-    # Submodules are read from ``self._modules``: ``nn.Module.__getattr__`` costs about half a
-    # microsecond a lookup, which is most of a small block's overhead.
+    # Parts are read from ``self._modules``: ``nn.Module.__getattr__`` costs about half a
+    # microsecond a lookup, most of a small block's overhead.
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         _branch.check_main_input(x)
         parts = self._modules
@@ -192,7 +175,8 @@ class Residual(nn.Module):
             out = call_branch(parts["fn"], x, args, kwargs, ckpt)  # type: ignore[arg-type]
         y = _branch.branch_head(out, type(self.fn).__name__)
         if s is not None:  # NoShortcut: a plain layer, for ablations
-            _branch.check_same_shape(y, s, type(self.shortcut).__name__, self._layout())
+            layout = str(getattr(self.shortcut, "layout", ""))  # for the mismatch hint
+            _branch.check_same_shape(y, s, type(self.shortcut).__name__, layout)
             if self.residual_in_fp32:
                 s, y = _branch.promote_fp32(s), _branch.promote_fp32(y)
             merge = parts.get("merge")
@@ -202,13 +186,10 @@ class Residual(nn.Module):
             y = post(y)
         return _branch.with_rest(y, out)
 
-    def _layout(self) -> str:
-        return str(getattr(self.shortcut, "layout", ""))
-
     def extra_repr(self) -> str:
         parts = []
         if self.drop is not None:
-            parts.append(f"drop_path={self.drop_path}, drop_mode={self._drop_mode!r}")
+            parts.append(f"drop_path={self.drop_path}, drop_mode={self.drop_mode!r}")
         if self.checkpoint:
             parts.append("checkpoint=True")
         if self.residual_in_fp32:

@@ -14,7 +14,7 @@ Residual: fn must be a torch.nn.Module, got NoneType
 
 from __future__ import annotations
 
-__all__ = ["ResidualError"]
+__all__ = ["ResidualError", "check_module"]
 
 
 class ResidualError(ValueError):
@@ -25,3 +25,19 @@ class ResidualError(ValueError):
     >>> issubclass(ResidualError, ValueError)
     True
     """
+
+
+def check_module(caller: str, name: str, value: object) -> None:
+    """Raise a TypeError naming the argument unless ``value`` is an ``nn.Module``.
+
+    >>> check_module("Residual", "fn", len)
+    Traceback (most recent call last):
+    TypeError: Residual: fn must be a torch.nn.Module, got builtin_function_or_method; wrap a function in an nn.Module (lambdas cannot be pickled)
+    """  # noqa: E501
+    from torch import nn
+
+    if not isinstance(value, nn.Module):
+        hint = "; wrap a function in an nn.Module (lambdas cannot be pickled)" * callable(value)
+        raise TypeError(
+            f"{caller}: {name} must be a torch.nn.Module, got {type(value).__name__}{hint}"
+        )
