@@ -3,17 +3,50 @@
 ``torch.fx.symbolic_trace`` records each of these as one ``call_function`` node instead of
 tracing into it, so the checks that look at types and shapes run on real tensors when the traced
 graph runs, and Python control flow on shapes never meets a ``Proxy``. Eager and
-``torch.compile`` simply call them.
+``torch.compile`` simply call them. Other modules call them through the module
+(``_branch.check_main_input(x)``): FX patches this module's globals, so a name imported with
+``from residual._branch import ...`` would be traced into.
+
+Under ``torch.jit.trace`` a shape reads as traced values, and a check's ``if`` on them would
+warn (``TracerWarning``: the comparison is not recorded). A check is meant to run on the example
+and not be recorded, so the checks run inside :func:`shape_checks`, which silences exactly that
+warning while a trace is running.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from residual.errors import ResidualError
+
+# Public torch.jit names that torch.jit's __all__ leaves out (so mypy calls them private).
+_is_tracing: Callable[[], bool] = torch.jit.is_tracing  # type: ignore[attr-defined]
+_TracerWarning: type[Warning] = torch.jit.TracerWarning  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def _no_tracer_warnings() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", _TracerWarning)
+        yield
+
+
+def shape_checks() -> contextlib.AbstractContextManager[None]:
+    """Where an input check reads shapes: quiet under ``torch.jit.trace``, a no-op elsewhere.
+
+    The check still runs (and raises) on the example input; only the warning that its result
+    is not recorded in the traced graph is dropped, since not recording it is the intent.
+    """
+    return _no_tracer_warnings() if _is_tracing() else _NOT_TRACING
+
+
+_NOT_TRACING = contextlib.nullcontext()  # reusable: eager pays no allocation per check
 
 
 def check_main_input(x: Any) -> None:
@@ -27,6 +60,22 @@ def check_main_input(x: Any) -> None:
         raise TypeError(
             f"Residual: the main tensor must be floating point, got {x.dtype}; convert it "
             "(x.float()) or embed token ids first (nn.Embedding) and wrap what follows"
+        )
+
+
+def check_no_extra_args(args: Any, kwargs: Any) -> None:
+    """Raise if a block traced on its own (``torch.fx.symbolic_trace(block)``) gets extra args.
+
+    Such a trace sees ``*args`` and ``**kwargs`` as one opaque value each and records the branch
+    called with the main tensor alone; this check, recorded in its place, keeps the traced block
+    from silently dropping masks or states passed to it later.
+    """
+    if args or kwargs:
+        raise TypeError(
+            "Residual: this block was traced with torch.fx.symbolic_trace on its own, which "
+            "records the branch called with the main tensor only, but it got "
+            f"{len(args)} extra positional and {len(kwargs)} keyword argument(s); trace a "
+            "module that passes them to the block instead"
         )
 
 
@@ -60,7 +109,12 @@ def promote_fp32(t: Tensor) -> Tensor:
 
 def check_same_shape(branch: Tensor, shortcut: Tensor, shortcut_name: str, layout: str) -> None:
     """Raise a ResidualError naming both shapes unless the branch and shortcut shapes match."""
-    if branch.shape != shortcut.shape:
+    if _is_tracing():  # the per-block hot path stays free of a context manager
+        with _no_tracer_warnings():
+            same = branch.shape == shortcut.shape
+    else:
+        same = branch.shape == shortcut.shape
+    if not same:
         raise ResidualError(
             f"Residual: branch output {tuple(branch.shape)} does not match shortcut output "
             f"{tuple(shortcut.shape)} ({shortcut_name}); {mismatch_hint(branch, shortcut, layout)}"
@@ -88,17 +142,17 @@ def mismatch_hint(branch: Tensor, shortcut: Tensor, layout: str) -> str:
         return "the branch changed the batch size; a residual block must keep it"
     tries = [layout] if layout else ["channels_first", "channels_last"][len(b) < 3 :]
     hints = [_hint_for(b, s, t) for t in tries]
-    return next((h for fix, h in hints if fix), hints[0][1])
+    fixes = [h for fix, h in hints if fix]
+    if fixes:
+        return fixes[0]
+    if len(hints) == 1 or hints[0][1] == hints[1][1]:
+        return hints[0][1]
+    return f"read channel-first: {hints[0][1]}; read channel-last: {hints[1][1]}"
 
 
 def _hint_for(b: torch.Size, s: torch.Size, layout: str) -> tuple[bool, str]:
     axis = 1 if layout == "channels_first" else len(b) - 1
     other = [i for i in range(1, len(b)) if i != axis]
-    if layout == "channels_last" and any(b[i] != s[i] for i in other):
-        return False, (
-            "the branch changes a non-channel dim of a channel-last stream (e.g. the sequence "
-            "length); both paths must keep the same positions"
-        )
     if any(b[i] > s[i] for i in other):
         return False, (
             "the branch enlarges a spatial dim (upsampling); no strided shortcut matches it: "
@@ -107,8 +161,9 @@ def _hint_for(b: torch.Size, s: torch.Size, layout: str) -> tuple[bool, str]:
     stride = _stride_between([s[i] for i in other], [b[i] for i in other]) if other else 1
     if stride is None:
         return False, (
-            "the branch's spatial size is not ceil(H / stride) of the input's (an unpadded "
-            "conv?); pad the branch's convs, or pass a shortcut module that crops the same way"
+            "the branch's non-channel sizes are not ceil(size / stride) of the input's (an "
+            "unpadded conv, or sequence positions dropped?); keep the sizes in the branch (pad its "
+            "convs), or pass a shortcut module that changes them the same way"
         )
     c_in, c_out = s[axis], b[axis]
     dims = f", spatial_dims={len(other)}" if layout == "channels_first" and len(other) != 2 else ""
@@ -124,6 +179,7 @@ def _hint_for(b: torch.Size, s: torch.Size, layout: str) -> tuple[bool, str]:
 
 for _name in (
     "check_main_input",
+    "check_no_extra_args",
     "branch_head",
     "with_rest",
     "replace_head",

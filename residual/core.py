@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from residual import _branch
 from residual._checkpoint import call_branch
+from residual._dims import read_branch_dims
 from residual._types import DropMode
 from residual.drop import make_drop_policy, optional_drop_state
 from residual.errors import ResidualError, check_module
@@ -66,15 +67,14 @@ class Residual(nn.Module):
             a named shortcut cannot read, or a merge built for other channels.
 
     State dict keys: ``fn.*``, ``shortcut.*``, ``merge.*``, ``post.*``, ``pre.*`` (and
-    ``drop.seed`` / ``drop.step`` with ``drop_mode="batch"``).
+    ``drop.seed``, ``drop.step`` with ``drop_mode="batch"``).
 
     >>> import torch
     >>> from torch import nn
     >>> block = Residual(nn.Linear(16, 16))
     >>> block(torch.randn(4, 16)).shape
     torch.Size([4, 16])
-    >>> wide = Residual(nn.Linear(16, 32), shortcut="projection")
-    >>> wide(torch.randn(4, 16)).shape
+    >>> Residual(nn.Linear(16, 32), shortcut="projection")(torch.randn(4, 16)).shape
     torch.Size([4, 32])
     >>> out, (h, c) = Residual(nn.LSTM(8, 8, batch_first=True))(torch.randn(2, 5, 8))
     >>> out.shape, h.shape
@@ -113,6 +113,7 @@ class Residual(nn.Module):
             if isinstance(self.shortcut, NoShortcut):
                 raise ResidualError("Residual: shortcut='none' adds nothing, so it takes no merge")
             check_merge_fits(merge, fn)
+        self._branch_layout = getattr(read_branch_dims(fn), "layout", "")  # hints only
         self.checkpoint = bool(checkpoint)
         self.residual_in_fp32 = bool(residual_in_fp32)
         self.drop_mode: str = "row"  # with drop_path: set by set_drop_path only
@@ -158,10 +159,12 @@ class Residual(nn.Module):
             self.drop = policy
         self.drop_mode = mode
 
-    # Parts are read from ``self._modules``: ``nn.Module.__getattr__`` costs about half a
-    # microsecond a lookup, most of a small block's overhead.
+    # Parts come from self._modules: nn.Module.__getattr__ costs ~0.5 us a lookup.
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         _branch.check_main_input(x)
+        if type(args) is not tuple:  # torch.fx.symbolic_trace(block): *args is one Proxy
+            _branch.check_no_extra_args(args, kwargs)
+            args, kwargs = (), {}
         parts = self._modules
         pre = parts.get("pre")
         if pre is not None:
@@ -175,7 +178,7 @@ class Residual(nn.Module):
             out = call_branch(parts["fn"], x, args, kwargs, ckpt)  # type: ignore[arg-type]
         y = _branch.branch_head(out, type(self.fn).__name__)
         if s is not None:  # NoShortcut: a plain layer, for ablations
-            layout = str(getattr(self.shortcut, "layout", ""))  # for the mismatch hint
+            layout = str(getattr(self.shortcut, "layout", "") or self._branch_layout)
             _branch.check_same_shape(y, s, type(self.shortcut).__name__, layout)
             if self.residual_in_fp32:
                 s, y = _branch.promote_fp32(s), _branch.promote_fp32(y)

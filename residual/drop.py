@@ -112,6 +112,7 @@ class _Policy(nn.Module):
         super().__init__()
         self.p = check_drop_rate(type(self).__name__, p)
         self.register_buffer("keep", torch.tensor(1.0 - self.p), persistent=False)
+        self.register_load_state_dict_post_hook(_refill_rate)  # after to_empty + load
 
     def set_rate(self, p: float) -> None:
         """Change the rate in place (a buffer write: no recompile)."""
@@ -119,12 +120,22 @@ class _Policy(nn.Module):
         with torch.no_grad():
             self.keep.fill_(1.0 - self.p)
 
-    def reset_parameters(self) -> None:
-        """Refill the rate buffer (after ``to_empty`` from the meta device)."""
+    def reset_rate(self) -> None:
+        """Refill the rate buffer from ``p`` (after ``to_empty`` from the meta device)."""
         self.set_rate(self.p)
+
+    def reset_parameters(self) -> None:
+        """What ``to_empty`` leaves unset: the rate buffer."""
+        self.reset_rate()
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def _refill_rate(policy: nn.Module, keys: Any) -> None:
+    """``keep`` is not in the state_dict: refill it from the rate whenever the policy loads."""
+    if isinstance(policy, _Policy):
+        policy.reset_rate()
 
 
 class RowDrop(_Policy):

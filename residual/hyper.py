@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from residual import _branch
 from residual._types import Layout, check_layout, check_positive_int
 from residual.core import Residual
 from residual.errors import ResidualError
@@ -40,7 +41,7 @@ def expand_streams(x: Tensor, streams: int) -> Tensor:
     torch.Size([8, 3])
     """
     check_positive_int("expand_streams", "streams", streams)
-    return x.repeat((streams,) + (1,) * (x.dim() - 1))
+    return torch.cat([x] * streams)  # x.repeat(streams, 1, ...), without reading the rank
 
 
 def reduce_streams(h: Tensor, streams: int) -> Tensor:
@@ -51,21 +52,35 @@ def reduce_streams(h: Tensor, streams: int) -> Tensor:
     tensor([4., 4., 4.])
     """
     check_positive_int("reduce_streams", "streams", streams)
-    if h.shape[0] % streams:
+    _check_stream_batch(h, streams, "reduce_streams", "")
+    return h.unflatten(0, (streams, -1)).sum(0)
+
+
+def _check_stream_batch(h: Tensor, streams: int, caller: str, hint: str) -> None:
+    """Raise unless the batch dim of ``h`` is a multiple of ``streams``. An FX leaf."""
+    with _branch.shape_checks():
+        fits = bool(h.shape[0] % streams == 0)
+    if not fits:
         raise ResidualError(
-            f"reduce_streams: batch dim {h.shape[0]} is not a multiple of streams={streams}"
+            f"{caller}: batch dim {h.shape[0]} is not a multiple of streams={streams}{hint}"
         )
-    return h.view(streams, -1, *h.shape[1:]).sum(0)
 
 
 def _per_stream(h: Tensor, streams: int) -> Tensor:
     """``(n * N, ...)`` -> ``(n, N, ...)``, a view in the input's own layout."""
-    if h.shape[0] % streams:
-        raise ResidualError(
-            f"hyper-connections: batch dim {h.shape[0]} is not a multiple of streams={streams}; "
-            "expand the input with expand_streams(x, streams) first"
-        )
-    return h.view(streams, -1, *h.shape[1:])
+    _check_stream_batch(
+        h, streams, "hyper-connections", "; expand the input with expand_streams(x, streams) first"
+    )
+    return h.unflatten(0, (streams, -1))
+
+
+def _along_streams(p: Tensor, like: Tensor) -> Tensor:
+    """A per-stream parameter as a view that broadcasts against ``like``, ``(n, N, ...)``.
+
+    ``(n,)`` -> ``(n, 1, ..., 1)``; ``(n, n)`` -> ``(n, 1, ..., 1, n)``. An FX leaf: it reads
+    the rank, which a symbolic trace does not know.
+    """
+    return p.view(p.shape[0], *([1] * (like.dim() - p.dim())), *p.shape[1:])
 
 
 def _channels_last(s: Tensor, layout: Layout) -> Tensor:
@@ -118,7 +133,7 @@ class StreamMix(nn.Module):
             scale = self.mix[0, 0] if dynamic is None else self.mix[0, 0] + dynamic
             return h * (scale if dynamic is None else _native(scale, self.layout).flatten(0, 1))
         last = _channels_last(s, self.layout)
-        mix = self.mix.view(self.streams, *([1] * (last.dim() - 2)), self.streams)
+        mix = _along_streams(self.mix, last)
         if dynamic is not None:
             mix = mix + dynamic
         mixed = torch.einsum("i...j,i...c->j...c", mix, last)
@@ -160,24 +175,30 @@ class HyperBranch(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         s = _per_stream(h, self.streams)  # (n, N, ...) in the input's layout
-        shape = (self.streams,) + (1,) * (s.dim() - 1)
-        width = self.width.view(shape)
-        depth = self.depth.view(shape)
+        width = _along_streams(self.width, s)
+        depth = _along_streams(self.depth, s)
         if self.width_dynamic is not None and self.depth_dynamic is not None:
             last = _channels_last(s, self.layout)
             width = width + _native(self.width_dynamic(last), self.layout)
             depth = depth + _native(self.depth_dynamic(last), self.layout)
         x = (width * s).sum(0)  # (N, ...): the branch's input
         out = self.fn(x)
-        if out.shape != x.shape:
-            raise ResidualError(
-                f"HyperBranch: fn turned {tuple(x.shape)} into {tuple(out.shape)}; "
-                "a hyper-connected branch must keep the stream's shape"
-            )
+        _check_branch_shape(x, out)
         return (depth * out.unsqueeze(0)).flatten(0, 1)
 
     def extra_repr(self) -> str:
         return f"streams={self.streams}, dim={self.dim}, layout={self.layout!r}"
+
+
+def _check_branch_shape(x: Tensor, out: Tensor) -> None:
+    """Raise unless the branch kept the stream's shape. An FX leaf."""
+    with _branch.shape_checks():
+        same = bool(out.shape == x.shape)
+    if not same:
+        raise ResidualError(
+            f"HyperBranch: fn turned {tuple(x.shape)} into {tuple(out.shape)}; "
+            "a hyper-connected branch must keep the stream's shape"
+        )
 
 
 def hyper_residual(
@@ -204,3 +225,7 @@ def hyper_residual(
     branch = HyperBranch(fn, streams, dim, layer_index=layer_index, dynamic=dynamic, layout=layout)
     mix = StreamMix(streams, dim, dynamic=dynamic, layout=layout)
     return Residual(branch, shortcut=mix, post=post, drop_path=drop_path)
+
+
+for _name in ("_check_stream_batch", "_along_streams", "_check_branch_shape"):
+    torch.fx.wrap(_name)

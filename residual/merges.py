@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from residual import _branch
 from residual._dims import read_branch_dims
 from residual._types import Layout, check_layout, check_positive_int
 from residual.errors import ResidualError
@@ -39,7 +40,9 @@ def _channel_dim(layout: Layout) -> int:
 
 def _check_dim(caller: str, t: Tensor, dim: int, layout: Layout) -> None:
     axis = _channel_dim(layout)
-    if (t.dim() < 2 and layout == "channels_first") or t.shape[axis] != dim:
+    with _branch.shape_checks():
+        fits = bool(not (t.dim() < 2 and layout == "channels_first") and t.shape[axis] == dim)
+    if not fits:
         raise ResidualError(
             f"{caller}: built for {dim} channels ({layout}), got a branch output of shape "
             f"{tuple(t.shape)}; build it with dim={t.shape[axis] if t.dim() else '?'} or fix "
@@ -248,3 +251,6 @@ def check_merge_fits(merge: nn.Module, branch: nn.Module) -> None:
             f"but the branch outputs {dims.out_channels} ({dims.layout}); build it with "
             f"{type(merge).__name__}({dims.out_channels}, layout={dims.layout!r})"
         )
+
+
+torch.fx.wrap("_check_dim")  # an FX leaf: it reads shapes

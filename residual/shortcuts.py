@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from residual import _branch
 from residual._dims import read_branch_dims
 from residual._types import Layout, ModuleFactory, check_layout, check_positive_int
 from residual.errors import ResidualError
@@ -67,7 +68,11 @@ def _check_spatial_dims(caller: str, spatial_dims: int) -> int:
 
 
 def _subsample(x: Tensor, stride: int, layout: Layout) -> Tensor:
-    """Keep every ``stride``-th position of each spatial dim (ceil(H / stride) remain)."""
+    """Keep every ``stride``-th position of each spatial dim (ceil(H / stride) remain).
+
+    An FX leaf, as are the other helpers here that read the rank or shapes (registered at the
+    end): ``torch.fx.symbolic_trace`` records the call and it runs on the real tensor.
+    """
     if stride == 1:
         return x
     every = slice(None, None, stride)
@@ -78,12 +83,24 @@ def _subsample(x: Tensor, stride: int, layout: Layout) -> Tensor:
 
 def _check_channels(caller: str, x: Tensor, expected: int, layout: Layout) -> None:
     dim = 1 if layout == "channels_first" else -1
-    if x.dim() < 2 or x.shape[dim] != expected:
+    with _branch.shape_checks():
+        fits = bool(x.dim() >= 2 and x.shape[dim] == expected)
+    if not fits:
         where = "dim 1 (channels_first)" if dim == 1 else "the last dim (channels_last)"
         raise ResidualError(
             f"{caller}: expected {expected} channels at {where}, got input of shape "
             f"{tuple(x.shape)}; check the layout or the in_channels the shortcut was built with"
         )
+
+
+def _pad_channels_first(x: Tensor, sub: Tensor, before: int, after: int) -> Tensor:
+    """Zero channels around dim 1 of ``sub``, in the memory format of ``x``."""
+    # pad's spec runs from the last dim backwards: (0, 0) for each spatial dim, then channels.
+    out = nn.functional.pad(sub, (0, 0) * (x.dim() - 2) + (before, after))
+    fmt = _CHANNELS_LAST.get(x.dim())
+    if fmt is not None and x.is_contiguous(memory_format=fmt):
+        return out.contiguous(memory_format=fmt)  # keep channels_last (odd sizes lose it)
+    return out
 
 
 class IdentityShortcut(nn.Module):
@@ -236,12 +253,7 @@ class ZeroPadShortcut(nn.Module):
             return sub
         if self.layout == "channels_last":
             return nn.functional.pad(sub, (self._before, self._after))
-        # pad's spec runs from the last dim backwards: (0, 0) for each spatial dim, then channels.
-        out = nn.functional.pad(sub, (0, 0) * (x.dim() - 2) + (self._before, self._after))
-        fmt = _CHANNELS_LAST.get(x.dim())
-        if fmt is not None and x.is_contiguous(memory_format=fmt):
-            return out.contiguous(memory_format=fmt)  # keep channels_last (odd sizes lose it)
-        return out
+        return _pad_channels_first(x, sub, self._before, self._after)
 
     def extra_repr(self) -> str:
         return (
@@ -409,3 +421,7 @@ def shortcut_for(spec: str | nn.Module | None, branch: nn.Module) -> nn.Module:
 def is_identity(shortcut: nn.Module) -> bool:
     """True for the shortcuts that return their input unchanged."""
     return isinstance(shortcut, IdentityShortcut | nn.Identity)
+
+
+for _name in ("_subsample", "_check_channels", "_pad_channels_first"):
+    torch.fx.wrap(_name)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from residual import ResidualError
 from residual.reversible import Reversible, ReversibleSequence
@@ -14,9 +18,11 @@ def mlp(dim: int, dropout: float = 0.0) -> nn.Module:
     return nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Dropout(dropout), nn.Linear(dim, dim))
 
 
-def conv(channels: int) -> nn.Module:
+def conv(channels: int, momentum: float | None = 0.1) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU()
+        nn.Conv2d(channels, channels, 3, padding=1),
+        nn.BatchNorm2d(channels, momentum=momentum),
+        nn.ReLU(),
     )
 
 
@@ -29,6 +35,12 @@ def stack(depth: int, dim: int, dropout: float = 0.0) -> ReversibleSequence:
     return ReversibleSequence(
         *(Reversible(mlp(dim, dropout), mlp(dim, dropout)) for _ in range(depth))
     )
+
+
+def plain_forward(seq: ReversibleSequence, x: torch.Tensor) -> torch.Tensor:
+    for block in seq.blocks:  # the same blocks, activations stored by autograd
+        x = block(x)
+    return x
 
 
 def test_block_formula_and_inverse() -> None:
@@ -87,33 +99,40 @@ def test_dropout_is_replayed() -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_batchnorm_statistics_move_once() -> None:
-    rev = ReversibleSequence(
-        *(Reversible(conv(2), conv(2), layout="channels_first") for _ in range(3))
-    )
-    plain = ReversibleSequence(
-        *(Reversible(conv(2), conv(2), layout="channels_first") for _ in range(3))
-    )
-    plain.load_state_dict(rev.state_dict())
-    x = torch.randn(4, 4, 6, 6, requires_grad=True)
-    rev(x).sum().backward()
-    y = x
-    for block in plain.blocks:
-        y = block(y)
-    y.sum().backward()
-    for (name, a), b in zip(rev.named_buffers(), plain.buffers(), strict=True):
-        torch.testing.assert_close(a, b, msg=name)
-    assert int(rev.blocks[0].f[1].num_batches_tracked) == 1
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_batchnorm_statistics_move_once(momentum: float | None) -> None:
+    def build() -> ReversibleSequence:
+        torch.manual_seed(0)
+        return ReversibleSequence(
+            *(
+                Reversible(conv(2, momentum), conv(2, momentum), layout="channels_first")
+                for _ in range(3)
+            )
+        ).double()
+
+    rev, plain = build(), build()
+    for step in range(2):
+        x = torch.randn(4, 4, 6, 6, dtype=torch.double, requires_grad=True)
+        rev(x).sum().backward()
+        plain_forward(plain, x).sum().backward()
+        for (name, a), b in zip(rev.named_buffers(), plain.buffers(), strict=True):
+            torch.testing.assert_close(a, b, msg=name)
+        assert int(rev.blocks[0].f[1].num_batches_tracked) == step + 1
+    assert all(m.momentum == momentum for m in rev.modules() if isinstance(m, nn.BatchNorm2d))
+    for a, b in zip(rev.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
 
 
 def test_activation_memory_does_not_grow_with_depth() -> None:
     def saved(depth: int) -> int:
         seq = stack(depth, 32)
+        weights = {p.untyped_storage().data_ptr() for p in seq.parameters()}
         total = 0
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             nonlocal total
-            total += t.numel() * t.element_size()
+            if t.untyped_storage().data_ptr() not in weights:  # parameters: saved, never copied
+                total += t.numel() * t.element_size()
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -137,3 +156,137 @@ def test_errors() -> None:
         ReversibleSequence(nn.Linear(2, 2))
     with pytest.raises(ResidualError, match="at least one"):
         ReversibleSequence()
+
+
+# --- higher-order gradients ---------------------------------------------------------------------
+
+
+def tiny(depth: int = 2, half: int = 2) -> ReversibleSequence:
+    def fn() -> nn.Module:
+        return nn.Sequential(nn.Linear(half, half), nn.Tanh())
+
+    return ReversibleSequence(*(Reversible(fn(), fn()) for _ in range(depth))).double()
+
+
+def test_gradgradcheck_float64_input_and_parameters() -> None:
+    seq = tiny()
+    names = [name for name, _ in seq.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in seq.parameters()]
+
+    def run(x: torch.Tensor, *ps: torch.Tensor) -> torch.Tensor:
+        return functional_call(seq, dict(zip(names, ps, strict=True)), (x,))
+
+    x = torch.randn(3, 4, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(run, (x, *params))
+    assert torch.autograd.gradgradcheck(run, (x, *params))
+
+
+def penalised(forward: Any, seq: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """A gradient penalty: loss + |d loss / dx|^2 + |d loss / d w|^2 (double backward)."""
+    out = forward(x)
+    loss = out.square().sum()
+    weights = [p for p in seq.parameters() if p.dim() > 1]
+    dx, *dw = torch.autograd.grad(loss, [x, *weights], create_graph=True)
+    (loss + dx.square().sum() + sum(g.square().sum() for g in dw)).backward()
+    grads = [x.grad, *(p.grad for p in seq.parameters())]
+    x.grad = None
+    seq.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [
+        pytest.param(lambda: stack(3, 3, dropout=0.5).double(), (5, 6), id="mlp_dropout"),
+        pytest.param(
+            lambda: ReversibleSequence(
+                *(Reversible(conv(2), conv(2), layout="channels_first") for _ in range(2))
+            ).double(),
+            (3, 4, 4, 4),
+            id="conv_batchnorm",
+        ),
+    ],
+)
+def test_double_backward_equals_the_stored_stack(make: Any, shape: tuple[int, ...]) -> None:
+    seq = make()
+    start = copy.deepcopy(seq.state_dict())
+    x = torch.randn(shape, dtype=torch.double, requires_grad=True)
+    torch.manual_seed(3)
+    rev = penalised(seq, seq, x)
+    rev_buffers = [b.clone() for b in seq.buffers()]
+    seq.load_state_dict(start)
+    torch.manual_seed(3)
+    plain = penalised(lambda t: plain_forward(seq, t), seq, x)
+    for i, (a, b) in enumerate(zip(rev, plain, strict=True)):
+        torch.testing.assert_close(a, b, msg=f"gradient {i}")
+    for a, b in zip(rev_buffers, seq.buffers(), strict=True):  # statistics moved once
+        torch.testing.assert_close(a, b)
+
+
+def test_create_graph_gradients_equal_the_plain_backward() -> None:
+    seq = stack(2, 3).double()
+    x = torch.randn(4, 6, dtype=torch.double, requires_grad=True)
+    first = torch.autograd.grad(seq(x).sum(), [x, *seq.parameters()])
+    again = torch.autograd.grad(seq(x).sum(), [x, *seq.parameters()], create_graph=True)
+    assert again[0].requires_grad  # differentiable: a graph was built
+    for a, b in zip(first, again, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0.0)
+
+
+# --- what the backward refuses ------------------------------------------------------------------
+
+
+SWITCHES = {
+    "sequence_eval": (
+        lambda seq: seq.eval(),
+        r"block 0 changed mode .*: the block \(train -> eval\)",
+    ),
+    "one_dropout_eval": (
+        lambda seq: seq.blocks[1].f[2].eval(),
+        r"block 1 changed mode between forward and backward: f\.2 \(train -> eval\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("create_graph", [False, True], ids=["backward", "create_graph"])
+@pytest.mark.parametrize(("switch", "match"), SWITCHES.values(), ids=SWITCHES.keys())
+def test_train_eval_switch_between_forward_and_backward_is_an_error(
+    switch: Any, match: str, create_graph: bool
+) -> None:
+    seq = stack(2, 3, dropout=0.5)
+    x = torch.randn(4, 6, requires_grad=True)
+    out = seq(x)
+    switch(seq)
+    with pytest.raises(ResidualError, match=match):
+        torch.autograd.grad(out.sum(), [x, *seq.parameters()], create_graph=create_graph)
+    seq.train()
+    out.sum().backward()  # switched back: the backward is the forward's again
+    assert x.grad is not None
+
+
+def test_switch_after_backward_is_fine() -> None:
+    seq = stack(2, 3, dropout=0.5)
+    seq(torch.randn(4, 6, requires_grad=True)).sum().backward()
+    seq.eval()
+    assert seq(torch.randn(4, 6)).shape == (4, 6)
+
+
+def test_parameter_modified_between_forward_and_backward_is_an_error() -> None:
+    seq = stack(2, 3)
+    out = seq(torch.randn(4, 6, requires_grad=True))
+    with torch.no_grad():
+        seq.blocks[0].f[0].weight.add_(1.0)  # e.g. an optimizer step before backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_functional_call_uses_the_given_parameters() -> None:
+    seq = stack(2, 3).double()  # no dropout: eval mode is the plain stack with stored activations
+    given = {k: (v.detach() * 2).requires_grad_() for k, v in seq.named_parameters()}
+    x = torch.randn(4, 6, dtype=torch.double, requires_grad=True)
+    grads = []
+    for mode in (True, False):
+        out = functional_call(seq.train(mode), given, (x,))
+        grads.append(torch.autograd.grad(out.square().sum(), [x, *given.values()]))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)

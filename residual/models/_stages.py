@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
+from residual import _branch
 from residual.core import Residual
 from residual.drop import check_drop_rate, linear_drop_rates
 from residual.errors import ResidualError
@@ -47,9 +49,18 @@ def make_stages(
 
 
 def check_images(caller: str, x: Tensor, channels: int) -> None:
-    """Raise unless ``x`` is a batch of images (N, channels, H, W)."""
-    if x.dim() != 4 or x.shape[1] != channels:
+    """Raise unless ``x`` is a batch of images (N, channels, H, W).
+
+    An FX leaf (call it as ``_stages.check_images``): a symbolic trace records the call and the
+    check runs on the real input when the traced graph runs.
+    """
+    with _branch.shape_checks():
+        fits = bool(x.dim() == 4 and x.shape[1] == channels)
+    if not fits:
         raise ResidualError(
             f"{caller}: expected images of shape (N, {channels}, H, W), got {tuple(x.shape)}"
             + ("; add a batch dim with x.unsqueeze(0)" if x.dim() == 3 else "")
         )
+
+
+torch.fx.wrap("check_images")

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from residual import _branch
 from residual._types import check_positive_int
 from residual.errors import ResidualError
 
@@ -48,9 +49,14 @@ def attention_mask(
     """
     mask: Tensor | None = None
     if attn_mask is not None:
-        if attn_mask.dim() == 2 and attn_mask.shape == (length, length):
+        with _branch.shape_checks():
+            square = bool(attn_mask.dim() == 2 and attn_mask.shape == (length, length))
+            per_head = bool(
+                attn_mask.dim() == 3 and attn_mask.shape == (batch * heads, length, length)
+            )
+        if square:
             mask = _additive(attn_mask, dtype, "attn_mask")
-        elif attn_mask.dim() == 3 and attn_mask.shape == (batch * heads, length, length):
+        elif per_head:
             mask = _additive(attn_mask, dtype, "attn_mask").view(batch, heads, length, length)
         else:
             raise ResidualError(
@@ -58,7 +64,9 @@ def attention_mask(
                 f"expected ({length}, {length}) or ({batch * heads}, {length}, {length})"
             )
     if key_padding_mask is not None:
-        if key_padding_mask.shape != (batch, length):
+        with _branch.shape_checks():
+            fits = bool(key_padding_mask.shape == (batch, length))
+        if not fits:
             raise ResidualError(
                 f"SelfAttention: key_padding_mask of shape {tuple(key_padding_mask.shape)} "
                 f"does not fit; expected (batch, length) = ({batch}, {length})"
@@ -66,6 +74,41 @@ def attention_mask(
         pad = _additive(key_padding_mask, dtype, "key_padding_mask").view(batch, 1, 1, length)
         mask = pad if mask is None else mask + pad
     return mask
+
+
+def sdpa_mask(
+    attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+    is_causal: bool,
+    causal: bool,
+    x: Tensor,
+    heads: int,
+) -> tuple[Tensor | None, bool]:
+    """``(attn_mask, is_causal)`` for ``scaled_dot_product_attention`` on ``x`` (N, L, D).
+
+    The masks merged by :func:`attention_mask`; a layer that is always ``causal`` adds the
+    causal mask to them, or asks SDPA for it when there are none (as does ``is_causal``).
+    An FX leaf: the masks are optional inputs, so whether they are present is known only when
+    the traced graph runs.
+    """
+    batch, length = x.shape[0], x.shape[1]
+    mask = attention_mask(attn_mask, key_padding_mask, batch, heads, length, x.dtype)
+    if mask is None:
+        return None, causal or is_causal
+    if causal:
+        causal_mask = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+        return mask.masked_fill(causal_mask, float("-inf")), False
+    return mask, False
+
+
+def check_sequence(caller: str, x: Tensor, d_model: int) -> None:
+    """Raise unless ``x`` is a batch of sequences (N, L, d_model). An FX leaf."""
+    with _branch.shape_checks():
+        fits = bool(x.dim() == 3 and x.shape[-1] == d_model)
+    if not fits:
+        raise ResidualError(
+            f"{caller}: expected input (batch, length, {d_model}), got {tuple(x.shape)}"
+        )
 
 
 class SelfAttention(nn.Module):
@@ -110,19 +153,10 @@ class SelfAttention(nn.Module):
         key_padding_mask: Tensor | None = None,
         is_causal: bool = False,
     ) -> Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ResidualError(
-                f"SelfAttention: expected input (batch, length, {self.d_model}), got "
-                f"{tuple(x.shape)}"
-            )
-        n, length, _ = x.shape
+        check_sequence("SelfAttention", x, self.d_model)
+        n, length = x.shape[0], x.shape[1]
         qkv = self.in_proj(x).view(n, length, 3, self.nhead, -1).permute(2, 0, 3, 1, 4)
-        mask = attention_mask(attn_mask, key_padding_mask, n, self.nhead, length, x.dtype)
-        causal = self.causal or (is_causal and mask is None)
-        if self.causal and mask is not None:
-            causal_mask = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
-            mask = mask.masked_fill(causal_mask, float("-inf"))
-            causal = False
+        mask, causal = sdpa_mask(attn_mask, key_padding_mask, is_causal, self.causal, x, self.nhead)
         out = F.scaled_dot_product_attention(
             qkv[0],
             qkv[1],
@@ -224,3 +258,7 @@ class FeedForward(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+
+for _name in ("sdpa_mask", "check_sequence"):
+    torch.fx.wrap(_name)

@@ -18,7 +18,8 @@ from residual._types import DropMode, check_positive_int
 from residual.blocks import PreActBlock, ResidualBlock
 from residual.core import Residual
 from residual.errors import ResidualError
-from residual.models._stages import check_images, make_stages
+from residual.models import _stages
+from residual.models._stages import make_stages
 
 __all__ = ["CifarResNet", "cifar_resnet"]
 
@@ -50,7 +51,7 @@ class CifarResNet(nn.Module):
         self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_images("CifarResNet", x, self.conv1.in_channels)
+        _stages.check_images("CifarResNet", x, self.conv1.in_channels)
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         x = self.relu_final(self.bn_final(x))

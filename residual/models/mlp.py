@@ -7,15 +7,54 @@ torch.Size([3, 10])
 
 from __future__ import annotations
 
-from einops.layers.torch import Rearrange, Reduce
+import einops.layers.torch
+import torch
 from torch import Tensor, nn
 
+from residual import _branch
 from residual._types import DropMode, check_positive_int
 from residual.core import Residual
 from residual.drop import apply_drop_schedule, check_drop_rate
 from residual.errors import ResidualError
 
 __all__ = ["MLPMixer", "ResidualMLP", "mlp_block"]
+
+
+def _rearrange(layer: Rearrange, x: Tensor) -> Tensor:
+    return einops.layers.torch.Rearrange.forward(layer, x)
+
+
+def _reduce(layer: Reduce, x: Tensor) -> Tensor:
+    return einops.layers.torch.Reduce.forward(layer, x)
+
+
+class Rearrange(einops.layers.torch.Rearrange):
+    """einops' ``Rearrange`` as one FX leaf call.
+
+    einops picks its recipe by ``x.ndim``, which ``torch.fx.symbolic_trace`` cannot read: the
+    call is recorded instead and runs on the real tensor. Same name, pattern, repr and (no)
+    state as einops' layer, of which it is a subclass.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _rearrange(self, x)
+
+
+class Reduce(einops.layers.torch.Reduce):
+    """einops' ``Reduce``, one FX leaf call (as :class:`Rearrange`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _reduce(self, x)
+
+
+def _check_mixer_images(x: Tensor, channels: int, size: int) -> None:
+    """Raise unless ``x`` is (N, channels, size, size). An FX leaf."""
+    with _branch.shape_checks():
+        fits = bool(x.dim() == 4 and x.shape[1:] == (channels, size, size))
+    if not fits:
+        raise ResidualError(
+            f"MLPMixer: expected images (N, {channels}, {size}, {size}), got {tuple(x.shape)}"
+        )
 
 
 def mlp_block(dim: int, hidden: int, dropout: float = 0.0, drop_path: float = 0.0) -> Residual:
@@ -141,9 +180,9 @@ class MLPMixer(nn.Module):
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1:] != (self.in_channels, self.image_size, self.image_size):
-            raise ResidualError(
-                f"MLPMixer: expected images (N, {self.in_channels}, {self.image_size}, "
-                f"{self.image_size}), got {tuple(x.shape)}"
-            )
+        _check_mixer_images(x, self.in_channels, self.image_size)
         return self.head(self.pool(self.norm(self.blocks(self.patches(x)))))
+
+
+for _name in ("_rearrange", "_reduce", "_check_mixer_images"):
+    torch.fx.wrap(_name)

@@ -105,13 +105,26 @@ class ResidualLSTM(nn.Module):
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             width = 2 if self.bidirectional_first and i == 0 else 1
-            state = None
-            if hx is not None:
-                state = (hx[0][offset : offset + width], hx[1][offset : offset + width])
+            x, (h, c) = layer(x, _layer_state(hx, offset, width))
             offset += width
-            x, (h, c) = layer(x) if state is None else layer(x, state)
             states_h.append(h)
             states_c.append(c)
             if i != last:
                 x = self.dropout(x)
         return x, (torch.cat(states_h), torch.cat(states_c))
+
+
+def _layer_state(
+    hx: tuple[Tensor, Tensor] | None, offset: int, width: int
+) -> tuple[Tensor, Tensor] | None:
+    """One layer's slice ``[offset, offset + width)`` of the stacked initial state, or None.
+
+    An FX leaf: ``hx`` is optional, so whether it is given is known only when a traced graph
+    runs (``nn.LSTM`` takes None for a zero state).
+    """
+    if hx is None:
+        return None
+    return hx[0][offset : offset + width], hx[1][offset : offset + width]
+
+
+torch.fx.wrap("_layer_state")

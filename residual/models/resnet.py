@@ -18,7 +18,8 @@ from residual._types import DropMode, ModuleFactory
 from residual.blocks import Bottleneck, ResidualBlock
 from residual.core import Residual
 from residual.errors import ResidualError
-from residual.models._stages import check_images, make_stages
+from residual.models import _stages
+from residual.models._stages import make_stages
 
 __all__ = [
     "ResNet",
@@ -129,7 +130,7 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
-        check_images("ResNet", x, 3)
+        _stages.check_images("ResNet", x, 3)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(self.avgpool(x).flatten(1))

@@ -15,6 +15,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
+from residual import _branch
 from residual._types import DropMode, check_positive_int
 from residual.core import Residual
 from residual.drop import apply_drop_schedule, check_drop_rate
@@ -186,6 +187,17 @@ def gpt_block(
     )
 
 
+def _check_token_ids(idx: Tensor, max_len: int) -> None:
+    """Raise unless ``idx`` is (batch, length <= max_len). An FX leaf."""
+    with _branch.shape_checks():
+        fits = bool(idx.dim() == 2 and idx.shape[1] <= max_len)
+    if not fits:
+        raise ResidualError(
+            f"CausalTransformerLM: expected token ids (batch, length <= {max_len}), "
+            f"got {tuple(idx.shape)}"
+        )
+
+
 class CausalTransformerLM(nn.Module):
     """A small GPT: token + position embeddings, ``num_layers`` :func:`gpt_block` s, LN, head.
 
@@ -224,10 +236,9 @@ class CausalTransformerLM(nn.Module):
         self.head = nn.Linear(d_model, vocab_size, bias=False)
 
     def forward(self, idx: Tensor) -> Tensor:
-        if idx.dim() != 2 or idx.shape[1] > self.max_len:
-            raise ResidualError(
-                f"CausalTransformerLM: expected token ids (batch, length <= {self.max_len}), "
-                f"got {tuple(idx.shape)}"
-            )
+        _check_token_ids(idx, self.max_len)
         pos = torch.arange(idx.shape[1], device=idx.device)
         return self.head(self.norm(self.blocks(self.tok(idx) + self.pos(pos))))
+
+
+torch.fx.wrap("_check_token_ids")
