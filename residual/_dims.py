@@ -168,3 +168,15 @@ def read_branch_dims(fn: nn.Module) -> BranchDims | None:
     return BranchDims(
         step.in_channels, step.out_channels, step.stride, layout, step.spatial_dims or 2
     )
+
+
+def hint_layout(shortcut: nn.Module, fn: nn.Module) -> str:
+    """The layout a mismatch hint reads shapes in: the shortcut's, else the branch's if certain.
+
+    Only words an error message; "" lets the hint try both readings.
+    """
+    declared = getattr(shortcut, "layout", None)
+    if isinstance(declared, str):
+        return declared
+    dims = read_branch_dims(fn)
+    return dims.layout if dims is not None else ""

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from residual import _branch
 from residual._checkpoint import call_branch
-from residual._dims import read_branch_dims
+from residual._dims import hint_layout
 from residual._types import DropMode
 from residual.drop import make_drop_policy, optional_drop_state
 from residual.errors import ResidualError, check_module
@@ -113,7 +113,6 @@ class Residual(nn.Module):
             if isinstance(self.shortcut, NoShortcut):
                 raise ResidualError("Residual: shortcut='none' adds nothing, so it takes no merge")
             check_merge_fits(merge, fn)
-        self._branch_layout = getattr(read_branch_dims(fn), "layout", "")  # hints only
         self.checkpoint = bool(checkpoint)
         self.residual_in_fp32 = bool(residual_in_fp32)
         self.drop_mode: str = "row"  # with drop_path: set by set_drop_path only
@@ -125,6 +124,8 @@ class Residual(nn.Module):
             self._modules.pop(name, None)  # removing a part removes it from the module tree
             return
         super().__setattr__(name, value)
+        if name in ("fn", "shortcut") and "shortcut" in self._modules:  # words mismatch hints
+            self._hint_layout = hint_layout(self.shortcut, self.fn)
 
     @property
     def drop_path(self) -> float:
@@ -159,27 +160,26 @@ class Residual(nn.Module):
             self.drop = policy
         self.drop_mode = mode
 
-    # Parts come from self._modules: nn.Module.__getattr__ costs ~0.5 us a lookup.
+    # Parts come from self._modules: nn.Module.__getattr__ costs ~0.7 us a lookup.
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         _branch.check_main_input(x)
         if type(args) is not tuple:  # torch.fx.symbolic_trace(block): *args is one Proxy
             _branch.check_no_extra_args(args, kwargs)
             args, kwargs = (), {}
         parts = self._modules
-        pre = parts.get("pre")
+        fn, shortcut, pre = parts["fn"], parts["shortcut"], parts.get("pre")
         if pre is not None:
             x = pre(x)
-        s = parts["shortcut"](x)  # type: ignore[misc]
+        s = shortcut(x)  # type: ignore[misc]
         ckpt = self.checkpoint and self.training
         drop = parts.get("drop")
         if drop is not None and self.training:
-            out = drop(self.fn, x, s, args, kwargs, ckpt)
+            out = drop(fn, x, s, args, kwargs, ckpt)
         else:
-            out = call_branch(parts["fn"], x, args, kwargs, ckpt)  # type: ignore[arg-type]
-        y = _branch.branch_head(out, type(self.fn).__name__)
+            out = call_branch(fn, x, args, kwargs, ckpt)  # type: ignore[arg-type]
+        y = _branch.branch_head(out, type(fn).__name__)
         if s is not None:  # NoShortcut: a plain layer, for ablations
-            layout = str(getattr(self.shortcut, "layout", "") or self._branch_layout)
-            _branch.check_same_shape(y, s, type(self.shortcut).__name__, layout)
+            _branch.check_same_shape(y, s, type(shortcut).__name__, self._hint_layout)
             if self.residual_in_fp32:
                 s, y = _branch.promote_fp32(s), _branch.promote_fp32(y)
             merge = parts.get("merge")
