@@ -1,11 +1,12 @@
-"""``Residual``: the combinator, and the one place where shortcut and branch meet.
+"""``Residual``: the combinator, and the one place where shortcut and branch meet (the one
+exception: :mod:`residual.reversible`'s couplings, which are inverted as a pair).
 
     H(x) = post( merge( S(pre(x)), drop( F(pre(x), *args, **kwargs) ) ) )
 
 ``F`` is any module (the branch), ``S`` a shortcut strategy, ``merge`` how the two meet (a plain
 add when None), ``drop`` the stochastic-depth policy (:mod:`residual.drop`) and ``post`` an
-optional module after the merge (the ReLU of the classic block). ``pre`` is rarely needed: a
-module shared by both paths (the pre-activation of He et al. 2016's projection blocks).
+optional module after the merge (the ReLU of the classic block); ``pre``, rarely needed, is
+shared by both paths (the pre-activation of He et al. 2016's projection blocks).
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ class DeepNormScales(NamedTuple):
 def deepnorm_scales(
     encoder_layers: int = 0, decoder_layers: int = 0
 ) -> tuple[DeepNormScales | None, DeepNormScales | None]:
-    """DeepNorm's (alpha, beta) for an encoder, a decoder or both (Wang et al. 2022, table 1).
+    """DeepNorm's scales (alpha, beta) for an encoder, a decoder or both (Wang et al. 2022).
 
     Use ``alpha`` as the merge (``ScaledAdd(alpha=...)``, post-norm) and ``beta`` as the gain of
     the Xavier init of the FFN, value and output projections.

@@ -120,10 +120,10 @@ class ResNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """torchvision's init: Kaiming-normal convs (fan_out), unit norms.
+        """torchvision's init: Kaiming-normal convs (fan_out).
 
-        Norm weights are set to 1 only where the block has not zeroed them (zero_init_residual
-        belongs to the blocks).
+        Norms keep torch's defaults (weight 1, bias 0); they are not touched here, so the zeroed
+        last norms of blocks built with ``zero_init_residual`` stay zero (the blocks own that).
         """
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
