@@ -67,8 +67,7 @@ class Residual(nn.Module):
         ResidualError: an unknown name or mode, a rate outside [0, 1), a branch whose dimensions
             a named shortcut cannot read, or a merge built for other channels.
 
-    State dict keys: ``fn.*``, ``shortcut.*``, ``merge.*``, ``post.*``, ``pre.*`` (and
-    ``drop.seed``, ``drop.step`` with ``drop_mode="batch"``).
+    State dict keys: ``fn.*``, ``shortcut.*``, ``merge.*``, ``post.*``, ``pre.*``, ``drop.*``.
 
     >>> import torch
     >>> from torch import nn
