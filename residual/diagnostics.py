@@ -135,18 +135,17 @@ def plot_gradient_flow(
 ) -> Any:
     """Plot one line per profile on a log scale (matplotlib, the optional extra, imported here).
 
-    Returns the figure; saves it to ``path`` if given.
+    Returns a ``matplotlib.figure.Figure`` built without pyplot, so the user's backend and
+    pyplot's global figure list are left alone; saves it to ``path`` if given.
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover - depends on the extra
         raise ImportError(
             "plot_gradient_flow needs matplotlib: pip install 'residual[examples]'"
         ) from e
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for label, profile in profiles.items():
         values = getattr(profile, attribute)
         ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)
