@@ -48,14 +48,26 @@ def shard_residual_blocks(
 
     Raises:
         ResidualError: the process group is not initialised, or the model holds no Residual.
-    """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    Run it on every rank, after ``torch.distributed.init_process_group`` (e.g. under
+    ``torchrun``); the blocks become ``FSDPResidual`` modules with ``DTensor`` parameters.
+    Without a process group it refuses:
+
+    >>> from torch import nn
+    >>> from residual import Residual
+    >>> model = nn.Sequential(Residual(nn.Linear(8, 8)), Residual(nn.Linear(8, 8)))
+    >>> shard_residual_blocks(model)
+    Traceback (most recent call last):
+        ...
+    residual.errors.ResidualError: shard_residual_blocks: initialise the process group first ...
+    """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise ResidualError(
             "shard_residual_blocks: initialise the process group first "
             "(torch.distributed.init_process_group), e.g. under torchrun"
         )
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     policy = mp_policy or MixedPrecisionPolicy()
     blocks = _outermost_residuals(model)
     if not blocks:

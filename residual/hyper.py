@@ -112,6 +112,12 @@ class StreamMix(nn.Module):
     Args:
         streams: n; dim: channels per stream; dynamic: add the input-dependent part;
         layout: where the channels are.
+
+    >>> import torch
+    >>> mix = StreamMix(streams=2, dim=8)
+    >>> h = expand_streams(torch.randn(3, 8), 2)
+    >>> mix(h).shape, bool(torch.equal(mix(h), h))  # the identity at init
+    (torch.Size([6, 8]), True)
     """
 
     def __init__(
@@ -149,6 +155,14 @@ class HyperBranch(nn.Module):
     ``fn`` sees one stream-sized tensor ``(N, ...)``; its output goes back to every stream,
     weighted by the depth connection ``B`` (1 at init). ``Am`` (the width connection) starts as
     the one-hot of stream ``layer_index mod n``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> branch = HyperBranch(nn.Linear(8, 8), streams=2, dim=8)
+    >>> x = torch.randn(3, 8)
+    >>> out = branch(expand_streams(x, 2))  # at init: fn(x), copied to both streams
+    >>> out.shape, bool(torch.equal(out, expand_streams(branch.fn(x), 2)))
+    (torch.Size([6, 8]), True)
     """
 
     def __init__(
@@ -219,6 +233,15 @@ def hyper_residual(
 
     Raises:
         ResidualError: ``streams < 1``, or ``dim`` not positive.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> stack = nn.Sequential(
+    ...     *(hyper_residual(nn.Linear(8, 8), streams=4, dim=8, layer_index=i) for i in range(3))
+    ... )
+    >>> h = stack(expand_streams(torch.randn(2, 8), 4))
+    >>> h.shape, reduce_streams(h, 4).shape
+    (torch.Size([8, 8]), torch.Size([2, 8]))
     """
     if isinstance(streams, int) and not isinstance(streams, bool) and streams < 1:
         raise ResidualError(f"hyper_residual: streams must be >= 1, got {streams}")

@@ -97,7 +97,14 @@ class ScaledAdd(nn.Module):
 
 
 class DeepNormScales(NamedTuple):
-    """DeepNorm's shortcut scale ``alpha`` and the init gain ``beta`` of the branch's weights."""
+    """DeepNorm's shortcut scale ``alpha`` and the init gain ``beta`` of the branch's weights.
+
+    Returned by :func:`deepnorm_scales`; a named tuple, so it unpacks as ``alpha, beta``.
+
+    >>> alpha, beta = DeepNormScales(alpha=2.0, beta=0.5)
+    >>> ScaledAdd(alpha=alpha)  # the merge; beta is a Xavier gain, not ScaledAdd's beta
+    ScaledAdd(alpha=2.0, beta=1.0)
+    """
 
     alpha: float
     beta: float

@@ -65,6 +65,14 @@ class Reversible(nn.Module):
         TypeError: ``f`` or ``g`` is not a module.
         ResidualError: ``f`` or ``g`` changes the channel count (read from its layers when they
             declare it, else at the first call), or the stream has an odd channel count.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> block = Reversible(nn.Conv2d(4, 4, 3, padding=1), nn.Identity(), layout="channels_first")
+    >>> x = torch.randn(2, 8, 5, 5)
+    >>> y = block(x)
+    >>> y.shape, bool(torch.allclose(block.inverse(y), x, atol=1e-5))
+    (torch.Size([2, 8, 5, 5]), True)
     """
 
     def __init__(self, f: nn.Module, g: nn.Module, *, layout: Layout = "channels_last") -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import pytest
 
@@ -100,3 +101,42 @@ def test_the_top_level_stays_small_and_submodules_load_on_use() -> None:
     assert residual.hyper.hyper_residual is not None  # `import residual; residual.hyper`
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         residual.nope  # noqa: B018
+
+
+DOCUMENTED_MODULES = [
+    "residual",
+    "residual.drop",
+    "residual.shortcuts",
+    "residual.merges",
+    "residual.distributed",
+    "residual.hyper",
+    "residual.reversible",
+    "residual.models",
+    "residual.diagnostics",
+    "residual.interop",
+    "residual.blocks",
+]
+
+# examples being added with the TransformerEncoderLayer drop-in
+PENDING = {"residual.models.AttentionBranch", "residual.models.SelfAttention"}
+
+
+def test_every_public_name_has_a_runnable_example() -> None:
+    """House rule: every public class and function shows a ``>>>`` example in its own docstring.
+
+    The doctests themselves run with the suite (``--doctest-modules``); this checks that none is
+    missing. Constants (``__version__``, tuples, strings, dicts) have no docstring of their own.
+    """
+    missing = []
+    for module in DOCUMENTED_MODULES:
+        mod = importlib.import_module(module)
+        for name in mod.__all__:
+            obj = getattr(mod, name)
+            if name == "__version__" or isinstance(obj, tuple | str | dict | frozenset):
+                continue
+            assert inspect.isclass(obj) or inspect.isroutine(obj), f"{module}.{name}"
+            # Its own docstring: inspect.getdoc would fall back to a base class's.
+            doc = inspect.getdoc(obj) if obj.__doc__ else ""
+            if ">>>" not in (doc or "") and f"{module}.{name}" not in PENDING:
+                missing.append(f"{module}.{name}")
+    assert not missing, f"public names without a >>> example in their docstring: {missing}"

@@ -72,6 +72,16 @@ def load_torchvision(
     Raises:
         ResidualError: missing or unexpected keys (named), shapes that differ (both shown), or a
             model torchvision has no equivalent of.
+
+    >>> from residual.models import resnet18
+    >>> model = resnet18()
+    >>> theirs = to_torchvision_state_dict(model)  # stands in for torchvision's weights
+    >>> load_torchvision(model, theirs)
+    >>> del theirs["fc.bias"]
+    >>> load_torchvision(model, theirs)
+    Traceback (most recent call last):
+        ...
+    residual.errors.ResidualError: load_torchvision: ... (missing keys: fc.bias); ...
     """
     if isinstance(state_dict, str | os.PathLike):
         state_dict = torch.load(state_dict, map_location="cpu", weights_only=True)
@@ -112,6 +122,15 @@ def load_torchvision(
 
 
 def to_torchvision_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """``model``'s state_dict in torchvision's layout (the reverse of :func:`load_torchvision`)."""
+    """``model``'s state_dict in torchvision's layout (the reverse of :func:`load_torchvision`).
+
+    >>> from residual.models import resnet18
+    >>> model = resnet18()
+    >>> theirs = to_torchvision_state_dict(model)
+    >>> len(theirs) == len(model.state_dict())
+    True
+    >>> theirs["layer2.0.downsample.0.weight"].shape  # ours: layer2.0.shortcut.conv.weight
+    torch.Size([128, 64, 1, 1])
+    """
     _check_model(model)
     return {_rename(k, _REVERSE): v for k, v in model.state_dict().items()}

@@ -29,6 +29,13 @@ class CifarResNet(nn.Module):
 
     Build it with :func:`cifar_resnet`. Keys: ``conv1``, ``bn1``, ``layer1``-``layer3`` (one
     ``Residual`` per block), ``bn_final`` (pre-activation only) and ``fc``.
+
+    >>> import torch
+    >>> model = cifar_resnet(20)
+    >>> model(torch.randn(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
+    >>> type(model).__name__, type(model.layer1[0]).__name__, len(model.layer1)
+    ('CifarResNet', 'ResidualBlock', 3)
     """
 
     def __init__(

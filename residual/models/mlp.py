@@ -128,6 +128,13 @@ class MLPMixer(nn.Module):
             (token and channel mixing count as one residual each); drop_mode as ``Residual``.
 
     Input (N, C, H, W) -> (N, num_classes).
+
+    >>> import torch
+    >>> mixer = MLPMixer(32, 8, 3, dim=32, depth=2)  # 16 patches of 8x8
+    >>> mixer(torch.randn(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
+    >>> len(mixer.blocks)  # a token-mixing and a channel-mixing Residual per layer
+    4
     """
 
     def __init__(

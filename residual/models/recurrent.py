@@ -43,6 +43,14 @@ class ResidualLSTM(nn.Module):
 
     Dynamo does not compile ``nn.LSTM`` without graph breaks (``fullgraph=True`` fails by
     design); use it eagerly or with ``fullgraph=False``.
+
+    >>> import torch
+    >>> gnmt = ResidualLSTM(16, 32, num_layers=4, residual_from=2, bidirectional_first=True)
+    >>> [type(layer).__name__ for layer in gnmt.layers]
+    ['LSTM', 'LSTM', 'Residual', 'Residual']
+    >>> out, (h, c) = gnmt(torch.randn(2, 9, 16))
+    >>> out.shape, h.shape  # 4 layers + 1 for the second direction of the first
+    (torch.Size([2, 9, 32]), torch.Size([5, 2, 32]))
     """
 
     def __init__(
