@@ -63,7 +63,9 @@ class PatchTransformer(nn.Module):
         self.pos = nn.Parameter(torch.zeros(1, 16, d_model))
         self.layers = nn.Sequential(
             *(
-                TransformerEncoderLayer(d_model, nhead, 2 * d_model, dropout=0.0, norm_first=True)
+                TransformerEncoderLayer(
+                    d_model, nhead, 2 * d_model, dropout=0.0, norm_first=True, batch_first=True
+                )
                 for _ in range(layers)
             )
         )

@@ -37,7 +37,13 @@ def build(kind: str, drop_mode: str | None = None, checkpoint: bool = False) -> 
     if kind == "transformer":
         return nn.Sequential(
             TransformerEncoderLayer(
-                16, 4, 32, dropout=0.0, drop_path=drop.get("drop_path", 0.0), checkpoint=checkpoint
+                16,
+                4,
+                32,
+                dropout=0.0,
+                batch_first=True,
+                drop_path=drop.get("drop_path", 0.0),
+                checkpoint=checkpoint,
             ),
             nn.Flatten(),
             nn.Linear(5 * 16, 10),

@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from conftest import MySelfAttention
 from torch import nn
 
+from conftest import MySelfAttention
 from residual import Bottleneck, Residual, ResidualBlock
 
 
@@ -75,7 +75,9 @@ def _zoo() -> list:
         pytest.param(resnet18, (2, 3, 64, 64), id="resnet18"),
         pytest.param(lambda: resnet50(avg_down=True), (2, 3, 64, 64), id="resnet50-D"),
         pytest.param(
-            lambda: TransformerEncoderLayer(16, 4, 32), (2, 5, 16), id="TransformerEncoderLayer"
+            lambda: TransformerEncoderLayer(16, 4, 32, batch_first=True),
+            (2, 5, 16),
+            id="TransformerEncoderLayer",
         ),
         pytest.param(lambda: gpt_block(16, 2), (2, 5, 16), id="gpt_block"),
         pytest.param(lambda: ResidualMLP(16, 4, dim=16, depth=2), (3, 16), id="ResidualMLP"),

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MySelfAttention
 from torch import nn
 
+from conftest import MySelfAttention
 from residual import Residual, ResidualBlock
 from residual.models import (
     CausalTransformerLM,
@@ -39,7 +39,7 @@ def _export_cases() -> list:
             lambda: resnet50(avg_down=True), (torch.randn(1, 3, 64, 64),), {}, id="resnet50-D"
         ),
         pytest.param(
-            lambda: TransformerEncoderLayer(32, 4, 64),
+            lambda: TransformerEncoderLayer(32, 4, 64, batch_first=True),
             (torch.randn(2, 5, 32),),
             {"src_key_padding_mask": PADDING},
             id="TransformerEncoderLayer",
@@ -112,7 +112,9 @@ def test_torch_export_in_eval(build, args, kwargs) -> None:
         pytest.param(resnet18, (1, 3, 64, 64), id="resnet18"),
         pytest.param(lambda: cifar_resnet(20), (2, 3, 32, 32), id="cifar_resnet20"),
         pytest.param(
-            lambda: TransformerEncoderLayer(32, 4, 64), (2, 5, 32), id="TransformerEncoderLayer"
+            lambda: TransformerEncoderLayer(32, 4, 64, batch_first=True),
+            (2, 5, 32),
+            id="TransformerEncoderLayer",
         ),
     ],
 )

@@ -158,12 +158,14 @@ ZOO: list[Case] = [
     ("wide_resnet50_2", wide_resnet50_2, _images(2, 3, 32, 32)),
     (
         "TransformerEncoderLayer-post",
-        lambda: TransformerEncoderLayer(16, 2, 32),
+        lambda: TransformerEncoderLayer(16, 2, 32, batch_first=True),
         _images(2, 5, 16),
     ),
     (
         "TransformerEncoderLayer-pre",
-        lambda: TransformerEncoderLayer(16, 2, 32, norm_first=True, activation="gelu"),
+        lambda: TransformerEncoderLayer(
+            16, 2, 32, norm_first=True, activation="gelu", batch_first=True
+        ),
         _images(2, 5, 16),
     ),
     ("gpt_block", lambda: gpt_block(16, 2, dropout=0.1), _images(2, 5, 16)),

@@ -48,8 +48,10 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "resnet152": resnet152,
     "resnext50_32x4d": resnext50_32x4d,
     "wide_resnet50_2": wide_resnet50_2,
-    "TransformerEncoderLayer_post": lambda: TransformerEncoderLayer(32, 4, 64),
-    "TransformerEncoderLayer_pre": lambda: TransformerEncoderLayer(32, 4, 64, norm_first=True),
+    "TransformerEncoderLayer_post": lambda: TransformerEncoderLayer(32, 4, 64, batch_first=True),
+    "TransformerEncoderLayer_pre": lambda: TransformerEncoderLayer(
+        32, 4, 64, norm_first=True, batch_first=True
+    ),
     "gpt_block": lambda: gpt_block(32, 4),
     "CausalTransformerLM": lambda: CausalTransformerLM(50, 32, 4, 2, 16),
     "ResidualLSTM_gnmt": lambda: ResidualLSTM(16, 32, 4, residual_from=2, bidirectional_first=True),

@@ -18,7 +18,6 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 
 from conftest import MySelfAttention
-
 from residual import (
     HighwayGate,
     LayerScale,
@@ -427,11 +426,13 @@ CATALOGUE: list[Misuse] = [
         "nhead=3 must divide d_model=16",
     ),
     Misuse(
-        "sequence-first",
-        "a sequence-first Transformer layer",
-        lambda: TransformerEncoderLayer(16, 4, batch_first=False),
-        ResidualError,
-        "batch_first=True",
+        "nested-tensor-input",
+        "a nested tensor given to the Transformer layer",
+        lambda: TransformerEncoderLayer(16, 4, 32, batch_first=True)(
+            torch.nested.nested_tensor([torch.randn(3, 16), torch.randn(5, 16)])
+        ),
+        TypeError,
+        "src_key_padding_mask",
     ),
     Misuse(
         "padding-mask-shape",
@@ -445,7 +446,7 @@ CATALOGUE: list[Misuse] = [
     Misuse(
         "attn-mask-shape",
         "an attention mask of the wrong shape",
-        lambda: TransformerEncoderLayer(16, 4, 32)(
+        lambda: TransformerEncoderLayer(16, 4, 32, batch_first=True)(
             torch.randn(2, 5, 16), src_mask=torch.zeros(4, 4)
         ),
         ResidualError,

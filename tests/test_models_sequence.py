@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import pytest
@@ -37,17 +38,39 @@ def _masks(n: int, length: int) -> dict[str, dict[str, torch.Tensor | bool]]:
     }
 
 
+def _layout(kwargs: dict, x: torch.Tensor, layout: str) -> tuple[dict, torch.Tensor]:
+    """``x`` (N, L, E) and its masks in ``layout``: batch-first as given, sequence-first
+    (L, N, E), or the first sequence alone, unbatched (L, E) with a 1-D padding mask."""
+    if layout == "batch-first":
+        return kwargs, x
+    if layout == "seq-first":
+        return kwargs, x.transpose(0, 1).contiguous()
+    unbatched = dict(kwargs)
+    if "src_key_padding_mask" in unbatched:
+        unbatched["src_key_padding_mask"] = unbatched["src_key_padding_mask"][0]
+    return unbatched, x[0]
+
+
+@pytest.mark.parametrize("layout", ["batch-first", "seq-first", "unbatched"])
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
 @pytest.mark.parametrize("mask", list(_masks(3, 9)), ids=str)
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
-def test_encoder_layer_equals_torch(norm_first: bool, mask: str, activation: str) -> None:
+def test_encoder_layer_equals_torch(
+    norm_first: bool, mask: str, activation: str, layout: str
+) -> None:
     ref = nn.TransformerEncoderLayer(
-        32, 4, 64, dropout=0.0, activation=activation, batch_first=True, norm_first=norm_first
+        32,
+        4,
+        64,
+        dropout=0.0,
+        activation=activation,
+        batch_first=layout == "batch-first",
+        norm_first=norm_first,
     )
     ours = TransformerEncoderLayer.from_torch(ref)
+    assert ours.batch_first == (layout == "batch-first")
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
-    kwargs = _masks(3, 9)[mask]
-    x = torch.randn(3, 9, 32)
+    kwargs, x = _layout(_masks(3, 9)[mask], torch.randn(3, 9, 32), layout)
     # train (dropout 0): outputs and every gradient
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = ref(xa, **kwargs), ours(xb, **kwargs)
@@ -80,21 +103,23 @@ def test_encoder_layer_equals_torch(norm_first: bool, mask: str, activation: str
 
 
 def test_encoder_layer_is_two_residuals_and_errors() -> None:
-    layer = TransformerEncoderLayer(16, 4, 32)
+    layer = TransformerEncoderLayer(16, 4, 32, batch_first=True)
     assert [type(m).__name__ for m in layer.children()] == ["Residual", "Residual"]
     assert isinstance(layer.self_attn_block.post, nn.LayerNorm)  # post-norm: after the merge
     pre = TransformerEncoderLayer(16, 4, 32, norm_first=True)
     assert pre.self_attn_block.post is None and isinstance(
         pre.self_attn_block.fn.norm, nn.LayerNorm
     )
-    with pytest.raises(ResidualError, match="batch_first=True"):
-        TransformerEncoderLayer(16, 4, batch_first=False)
     with pytest.raises(ResidualError, match="nhead=3 must divide d_model=16"):
         TransformerEncoderLayer(16, 3)
     with pytest.raises(ResidualError, match=r"key_padding_mask of shape \(2, 4\) does not fit"):
         layer(torch.randn(2, 5, 16), src_key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
     with pytest.raises(ResidualError, match=r"expected input \(batch, length, 16\)"):
         layer(torch.randn(2, 5, 8))
+    with pytest.raises(ResidualError, match=r"expected input \(length, batch, 16\)"):
+        pre(torch.randn(2, 5, 8))
+    with pytest.raises(ResidualError, match=r"expected \(length,\) = \(5,\)"):
+        layer(torch.randn(5, 16), src_key_padding_mask=torch.zeros(1, 5, dtype=torch.bool))
     with pytest.raises(TypeError, match="expected torch.nn.TransformerEncoderLayer"):
         TransformerEncoderLayer.from_torch(nn.Linear(2, 2))
 
@@ -178,7 +203,9 @@ SUBSTITUTIONS = {
 def test_inference_follows_every_substituted_part(norm_first: bool, part: str) -> None:
     """There is one path: under inference_mode a replaced part changes the answer exactly as
     the formula says (no fused kernel that would ignore it)."""
-    layer = TransformerEncoderLayer(32, 4, 64, dropout=0.0, norm_first=norm_first).eval()
+    layer = TransformerEncoderLayer(
+        32, 4, 64, dropout=0.0, norm_first=norm_first, batch_first=True
+    ).eval()
     SUBSTITUTIONS[part](layer.self_attn_block)
     x = torch.randn(2, 6, 32)
     padding = torch.zeros(2, 6, dtype=torch.bool)
@@ -296,3 +323,166 @@ def test_encoder_layer_drops_where_torch_does(norm_first: bool) -> None:
         ours(x)
     assert theirs.drops == [("attention", 0.3)] + [("dropout", 0.3)] * 3
     assert mine.drops == theirs.drops
+
+
+def test_encoder_layer_signature_is_torchs() -> None:
+    """Positional parameters, names and defaults as torch's; our extras keyword-only after."""
+    theirs = inspect.signature(nn.TransformerEncoderLayer.__init__).parameters
+    ours = inspect.signature(TransformerEncoderLayer.__init__).parameters
+    shared = [(p.name, p.default, p.kind) for p in theirs.values()]
+    assert [(p.name, p.default, p.kind) for p in ours.values()][: len(shared)] == shared
+    extras = list(ours.values())[len(shared) :]
+    assert [(p.name, p.kind) for p in extras] == [
+        ("drop_path", inspect.Parameter.KEYWORD_ONLY),
+        ("checkpoint", inspect.Parameter.KEYWORD_ONLY),
+    ]
+    fwd = inspect.signature(nn.TransformerEncoderLayer.forward).parameters
+    assert [
+        (p.name, p.default)
+        for p in inspect.signature(TransformerEncoderLayer.forward).parameters.values()
+    ] == [(p.name, p.default) for p in fwd.values()]
+
+
+def test_encoder_layer_factory_kwargs() -> None:
+    layer = TransformerEncoderLayer(16, 2, 32, device="meta", dtype=torch.float64)
+    assert all(p.device.type == "meta" and p.dtype == torch.float64 for p in layer.parameters())
+    layer = TransformerEncoderLayer(16, 2, 32, dtype=torch.float64, norm_first=True)
+    assert all(p.dtype == torch.float64 for p in layer.parameters())
+    assert layer(torch.randn(3, 2, 16, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_encoder_layer_state_dicts_load_both_ways(norm_first: bool, bias: bool) -> None:
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, norm_first=norm_first, bias=bias)
+    ours = TransformerEncoderLayer(16, 2, 32, dropout=0.0, norm_first=norm_first, bias=bias)
+    own_keys = list(ours.state_dict())
+    assert not set(own_keys) & set(ref.state_dict())  # our own layout is unchanged
+    assert (
+        str(ours.load_state_dict(ref.state_dict(), strict=True))
+        == "<All keys matched successfully>"
+    )
+    x = torch.randn(5, 3, 16)
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+    theirs = ours.torch_state_dict()
+    assert list(theirs) == list(ref.state_dict())
+    fresh = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, norm_first=norm_first, bias=bias)
+    fresh.load_state_dict(theirs, strict=True)
+    torch.testing.assert_close(fresh(x), ref(x), atol=0, rtol=0)
+    back = ours.to_torch()
+    assert back.norm_first == norm_first and not back.self_attn.batch_first
+    torch.testing.assert_close(back(x), ref(x), atol=0, rtol=0)
+    assert list(ours.state_dict()) == own_keys
+    # our own keys still load, and a mix of prefixes (a torch encoder's) too
+    ours.load_state_dict(TransformerEncoderLayer.from_torch(ref).state_dict(), strict=True)
+    stack = nn.Sequential(copy.deepcopy(ours), copy.deepcopy(ours))
+    stack.load_state_dict({f"{i}.{k}": v for i in (0, 1) for k, v in ref.state_dict().items()})
+
+
+def test_encoder_layer_torch_attribute_views() -> None:
+    layer = TransformerEncoderLayer(16, 2, 32, activation="gelu", batch_first=True)
+    assert layer.self_attn.batch_first and layer.self_attn._qkv_same_embed_dim
+    assert layer.self_attn.num_heads == 2 and layer.self_attn.embed_dim == 16
+    assert layer.self_attn.in_proj_weight is layer.self_attn.in_proj.weight
+    assert layer.self_attn.in_proj_bias is layer.self_attn.in_proj.bias
+    assert layer.linear1 is layer.ff_block.fn.linear1 and layer.norm2 is layer.ff_block.post
+    assert layer.dropout1.p == layer.dropout.p == layer.dropout2.p == 0.1
+    assert layer.activation_relu_or_gelu == 2
+    assert TransformerEncoderLayer(16, 2).activation_relu_or_gelu == 1
+    assert TransformerEncoderLayer(16, 2, activation=torch.tanh).activation_relu_or_gelu == 0
+    assert len(layer.state_dict()) == 12
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["enable_nested", "no_nested"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+def test_encoder_layer_inside_torch_encoder(batch_first: bool, nested: bool) -> None:
+    torch.manual_seed(0)
+    ref_layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first)
+    ref = nn.TransformerEncoder(ref_layer, 2, enable_nested_tensor=nested)
+    ours_layer = TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first)
+    if nested:
+        with pytest.warns(UserWarning, match="was not TransformerEncoderLayer"):
+            ours = nn.TransformerEncoder(ours_layer, 2, enable_nested_tensor=True)
+    else:
+        ours = nn.TransformerEncoder(ours_layer, 2, enable_nested_tensor=False)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(3, 6, 16)
+    padding = torch.zeros(3, 6, dtype=torch.bool)
+    padding[1, -2:] = True
+    if not batch_first:
+        x = x.transpose(0, 1)
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+    causal = nn.Transformer.generate_square_subsequent_mask(6) == float("-inf")
+    torch.testing.assert_close(
+        ours(x, mask=causal, src_key_padding_mask=padding),
+        ref(x, mask=causal, src_key_padding_mask=padding),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    ref.eval()
+    ours.eval()
+    with torch.no_grad():
+        got = ours(x, src_key_padding_mask=padding)
+        want = ref(x, src_key_padding_mask=padding)  # torch: nested fast path, padding -> 0
+    keep = ~padding if batch_first else ~padding.T
+    torch.testing.assert_close(got[keep], want[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_layer_ignores_the_mha_fastpath_switch() -> None:
+    """There is no fast path here: the switch changes nothing (torch's own numbers agree)."""
+    ref = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
+    ours = TransformerEncoderLayer.from_torch(ref).eval()
+    x = torch.randn(2, 5, 16)
+    padding = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    before = torch.backends.mha.get_fastpath_enabled()
+    try:
+        with torch.no_grad():
+            outs = []
+            for enabled in (True, False):
+                torch.backends.mha.set_fastpath_enabled(enabled)
+                outs.append(ours(x, src_key_padding_mask=padding))
+                want = ref(x, src_key_padding_mask=padding)
+                keep = ~padding
+                torch.testing.assert_close(outs[-1][keep], want[keep], atol=1e-5, rtol=1e-5)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+
+
+def test_encoder_layer_refuses_nested_tensors() -> None:
+    layer = TransformerEncoderLayer(16, 2, 32, batch_first=True, norm_first=True)
+    nt = torch.nested.nested_tensor([torch.randn(3, 16), torch.randn(5, 16)])
+    with pytest.raises(TypeError, match="pass a padded tensor .*src_key_padding_mask"):
+        layer(nt)
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_seq_first_draws_torchs_dropout_masks(norm_first: bool) -> None:
+    """Sequence-first runs in (S, N, E) memory order, as torch's: the same dropout masks with
+    no contiguity hook, and the same gradients."""
+    ref = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.3, norm_first=norm_first)
+    ours = TransformerEncoderLayer.from_torch(ref)
+    x = torch.randn(9, 3, 32)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(1)
+    ya = ref(xa)
+    torch.manual_seed(1)
+    yb = ours(xb)
+    torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(ya)
+    ya.backward(grad)
+    yb.backward(grad)
+    torch.testing.assert_close(xb.grad, xa.grad, atol=1e-5, rtol=1e-5)
+    for name, (theirs, mine) in _parameter_pairs(ref, ours).items():
+        torch.testing.assert_close(mine.grad, theirs.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_is_causal_without_src_mask_applies_the_causal_mask() -> None:
+    """torch raises ("Need attn_mask if specifying the is_causal hint"); ours applies it."""
+    layer = TransformerEncoderLayer(16, 2, 32, dropout=0.0).eval()
+    x = torch.randn(6, 2, 16)
+    causal = nn.Transformer.generate_square_subsequent_mask(6)
+    torch.testing.assert_close(layer(x, is_causal=True), layer(x, src_mask=causal))
+    with pytest.raises(TypeError, match="must be bool or floating"):
+        layer(x, src_key_padding_mask=torch.zeros(2, 6, dtype=torch.uint8))

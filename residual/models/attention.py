@@ -47,6 +47,18 @@ def attention_mask(
 
     ``attn_mask`` is (L, L) or (N * heads, L, L); ``key_padding_mask`` is (N, L).
     """
+    return _merge_masks(attn_mask, key_padding_mask, batch, heads, length, dtype, False)
+
+
+def _merge_masks(
+    attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+    batch: int,
+    heads: int,
+    length: int,
+    dtype: torch.dtype,
+    unbatched: bool,
+) -> Tensor | None:
     mask: Tensor | None = None
     if attn_mask is not None:
         with _branch.shape_checks():
@@ -65,11 +77,13 @@ def attention_mask(
             )
     if key_padding_mask is not None:
         with _branch.shape_checks():
-            fits = bool(key_padding_mask.shape == (batch, length))
+            expected = (length,) if unbatched else (batch, length)
+            fits = bool(key_padding_mask.shape == expected)
         if not fits:
+            layout = "(length,)" if unbatched else "(batch, length)"
             raise ResidualError(
                 f"SelfAttention: key_padding_mask of shape {tuple(key_padding_mask.shape)} "
-                f"does not fit; expected (batch, length) = ({batch}, {length})"
+                f"does not fit; expected {layout} = {expected}"
             )
         pad = _additive(key_padding_mask, dtype, "key_padding_mask").view(batch, 1, 1, length)
         mask = pad if mask is None else mask + pad
@@ -83,16 +97,22 @@ def sdpa_mask(
     causal: bool,
     x: Tensor,
     heads: int,
+    batch_first: bool = True,
 ) -> tuple[Tensor | None, bool]:
-    """``(attn_mask, is_causal)`` for ``scaled_dot_product_attention`` on ``x`` (N, L, D).
+    """``(attn_mask, is_causal)`` for ``scaled_dot_product_attention`` on ``x``: (N, L, D) when
+    ``batch_first``, else (L, N, D); or unbatched (L, D).
 
     The masks merged by :func:`attention_mask`; a layer that is always ``causal`` adds the
     causal mask to them, or asks SDPA for it when there are none (as does ``is_causal``).
     An FX leaf: the masks are optional inputs, so whether they are present is known only when
     the traced graph runs.
     """
-    batch, length = x.shape[0], x.shape[1]
-    mask = attention_mask(attn_mask, key_padding_mask, batch, heads, length, x.dtype)
+    unbatched = x.dim() == 2
+    if unbatched:
+        batch, length = 1, x.shape[0]
+    else:
+        batch, length = (x.shape[0], x.shape[1]) if batch_first else (x.shape[1], x.shape[0])
+    mask = _merge_masks(attn_mask, key_padding_mask, batch, heads, length, x.dtype, unbatched)
     if mask is None:
         return None, causal or is_causal
     if causal:
@@ -101,14 +121,45 @@ def sdpa_mask(
     return mask, False
 
 
-def check_sequence(caller: str, x: Tensor, d_model: int) -> None:
-    """Raise unless ``x`` is a batch of sequences (N, L, d_model). An FX leaf."""
-    with _branch.shape_checks():
-        fits = bool(x.dim() == 3 and x.shape[-1] == d_model)
-    if not fits:
-        raise ResidualError(
-            f"{caller}: expected input (batch, length, {d_model}), got {tuple(x.shape)}"
+def check_sequence(caller: str, x: Tensor, d_model: int, batch_first: bool = True) -> None:
+    """Raise unless ``x`` is a batch of sequences, (N, L, d_model) when ``batch_first`` else
+    (L, N, d_model), or one unbatched sequence (L, d_model). An FX leaf."""
+    if x.is_nested:
+        raise TypeError(
+            f"{caller}: nested tensor input is not supported; pass a padded tensor and mark the "
+            "padding with src_key_padding_mask (e.g. x.to_padded_tensor(0.0))"
         )
+    with _branch.shape_checks():
+        fits = bool(x.dim() in (2, 3) and x.shape[-1] == d_model)
+    if not fits:
+        layout = "batch, length" if batch_first else "length, batch"
+        raise ResidualError(
+            f"{caller}: expected input ({layout}, {d_model}) or unbatched (length, {d_model}), "
+            f"got {tuple(x.shape)}"
+        )
+
+
+def split_heads(qkv: Tensor, heads: int, batch_first: bool) -> Tensor:
+    """The fused projection (N, L, 3D) / (L, N, 3D) / (L, 3D) -> (3, N, heads, L, D / heads).
+
+    An FX leaf: the layout is read from the rank.
+    """
+    if qkv.dim() == 2:
+        return qkv.view(qkv.shape[0], 1, 3, heads, -1).permute(2, 1, 3, 0, 4)
+    if batch_first:
+        return qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
+    return qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, -1).permute(2, 1, 3, 0, 4)
+
+
+def merge_heads(out: Tensor, x: Tensor, batch_first: bool) -> Tensor:
+    """SDPA's (N, heads, L, D / heads) back to ``x``'s layout, contiguous (an FX leaf).
+
+    Sequence-first and unbatched come out (L, N, D) in memory, as ``nn.MultiheadAttention``'s
+    output does, so a dropout after it draws the same mask as torch's layer.
+    """
+    if x.dim() == 3 and batch_first:
+        return out.transpose(1, 2).reshape(x.shape)
+    return out.permute(2, 0, 1, 3).reshape(x.shape)
 
 
 class SelfAttention(nn.Module):
@@ -122,8 +173,18 @@ class SelfAttention(nn.Module):
         d_model: model width; nhead: heads (must divide d_model); dropout: on attention weights.
         bias: biases in the projections. causal: always apply a causal mask (decoders).
 
-    Input (N, L, d_model) -> output (N, L, d_model).
+        batch_first: (N, L, d_model) input when True (the default), (L, N, d_model) when False.
+        device, dtype: where and in what type the parameters are created.
+
+    Input (N, L, d_model) -> output (N, L, d_model) (or (L, N, d_model) with
+    ``batch_first=False``; an unbatched (L, d_model) works either way).
+
+    ``nn.MultiheadAttention``'s attributes that ``torch.nn.TransformerEncoder`` reads are here
+    too: ``batch_first``, ``embed_dim``, ``num_heads``, ``in_proj_weight``, ``in_proj_bias``,
+    ``_qkv_same_embed_dim`` (views of the parameters, not copies).
     """
+
+    _qkv_same_embed_dim = True
 
     def __init__(
         self,
@@ -133,6 +194,9 @@ class SelfAttention(nn.Module):
         bias: bool = True,
         *,
         causal: bool = False,
+        batch_first: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check_positive_int("SelfAttention", "d_model", d_model)
@@ -143,8 +207,30 @@ class SelfAttention(nn.Module):
                 f"try nhead in {[h for h in range(1, 17) if d_model % h == 0]}"
             )
         self.d_model, self.nhead, self.dropout, self.causal = d_model, nhead, dropout, causal
-        self.in_proj = nn.Linear(d_model, 3 * d_model, bias=bias)
-        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.batch_first = bool(batch_first)
+        self.in_proj = nn.Linear(d_model, 3 * d_model, bias=bias, device=device, dtype=dtype)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias, device=device, dtype=dtype)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.d_model
+
+    @property
+    def num_heads(self) -> int:
+        return self.nhead
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.nhead
+
+    @property
+    def in_proj_weight(self) -> Tensor:
+        return self.in_proj.weight
+
+    @property
+    def in_proj_bias(self) -> Tensor | None:
+        bias: Tensor | None = self.in_proj.bias
+        return bias
 
     def forward(
         self,
@@ -153,10 +239,11 @@ class SelfAttention(nn.Module):
         key_padding_mask: Tensor | None = None,
         is_causal: bool = False,
     ) -> Tensor:
-        check_sequence("SelfAttention", x, self.d_model)
-        n, length = x.shape[0], x.shape[1]
-        qkv = self.in_proj(x).view(n, length, 3, self.nhead, -1).permute(2, 0, 3, 1, 4)
-        mask, causal = sdpa_mask(attn_mask, key_padding_mask, is_causal, self.causal, x, self.nhead)
+        check_sequence("SelfAttention", x, self.d_model, self.batch_first)
+        qkv = split_heads(self.in_proj(x), self.nhead, self.batch_first)
+        mask, causal = sdpa_mask(
+            attn_mask, key_padding_mask, is_causal, self.causal, x, self.nhead, self.batch_first
+        )
         out = F.scaled_dot_product_attention(
             qkv[0],
             qkv[1],
@@ -165,10 +252,14 @@ class SelfAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=causal,
         )
-        return self.out_proj(out.transpose(1, 2).reshape(n, length, self.d_model))
+        return self.out_proj(merge_heads(out, x, self.batch_first))
 
     def extra_repr(self) -> str:
-        return f"{self.d_model}, nhead={self.nhead}, dropout={self.dropout}, causal={self.causal}"
+        extra = "" if self.batch_first else ", batch_first=False"
+        return (
+            f"{self.d_model}, nhead={self.nhead}, dropout={self.dropout}, causal={self.causal}"
+            + extra
+        )
 
 
 class AttentionBranch(nn.Module):
@@ -245,13 +336,16 @@ class FeedForward(nn.Module):
         activation: str | Callable[[Tensor], Tensor] | nn.Module = "relu",
         bias: bool = True,
         norm: nn.Module | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.norm = norm
-        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias)
+        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, device=device, dtype=dtype)
         self.activation = resolve_activation(activation)
         self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, device=device, dtype=dtype)
         self.dropout2 = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -260,5 +354,5 @@ class FeedForward(nn.Module):
         return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
 
 
-for _name in ("sdpa_mask", "check_sequence"):
+for _name in ("sdpa_mask", "check_sequence", "split_heads", "merge_heads"):
     torch.fx.wrap(_name)

@@ -2,7 +2,7 @@
 GPT-style pre-norm causal decoder.
 
 >>> import torch
->>> layer = TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0)
+>>> layer = TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
 >>> layer(torch.randn(2, 7, 32)).shape
 torch.Size([2, 7, 32])
 """
@@ -10,9 +10,10 @@ torch.Size([2, 7, 32])
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from residual import _branch
@@ -20,7 +21,13 @@ from residual._types import DropMode, check_positive_int
 from residual.core import Residual
 from residual.drop import apply_drop_schedule, check_drop_rate
 from residual.errors import ResidualError
-from residual.models.attention import AttentionBranch, FeedForward, SelfAttention
+from residual.models.attention import (
+    AttentionBranch,
+    FeedForward,
+    SelfAttention,
+    _Activation,
+    check_sequence,
+)
 
 __all__ = ["CausalTransformerLM", "TransformerEncoderLayer", "gpt_block"]
 
@@ -31,17 +38,34 @@ class TransformerEncoderLayer(nn.Module):
     Post-norm (``norm_first=False``): ``x = norm1(x + SA(x)); x = norm2(x + FF(x))``, the norms
     being each residual's ``post``. Pre-norm (``norm_first=True``): ``x = x + SA(norm1(x));
     x = x + FF(norm2(x))``, the norms sitting inside the branches so the shortcut carries the
-    un-normed stream. Same arguments, same forward signature and, after :meth:`from_torch`, the
-    same outputs and gradients as torch's layer. Batch-first only.
+    un-normed stream. A drop-in: torch's arguments and defaults (``batch_first=False``: input
+    (S, N, E); ``batch_first=True``: (N, S, E); unbatched (S, E) either way), ``device`` /
+    ``dtype``, torch's forward signature and mask semantics (bool ``True`` = may not attend,
+    float masks added), and the same outputs and gradients as torch's layer with the same
+    weights. Extras, keyword-only: ``drop_path`` (stochastic depth of both residuals) and
+    ``checkpoint``.
+
+    There is one code path: torch's fused inference "fast path" does not exist here, so
+    ``torch.backends.mha.set_fastpath_enabled`` changes nothing (the numbers are the same
+    either way, up to float rounding). Nested tensor input is refused: pass a padded tensor
+    with ``src_key_padding_mask``. Inside ``torch.nn.TransformerEncoder`` the layer runs (the
+    encoder then skips its nested-tensor path, and warns so when ``enable_nested_tensor``).
+    A ``self_attn`` view answers the ``nn.MultiheadAttention`` attributes the encoder reads;
+    ``linear1``, ``linear2``, ``norm1``, ``norm2``, ``dropout*`` and ``activation`` are the
+    submodules under torch's names (views: they add no state_dict keys).
 
     Keys: ``self_attn_block.fn.attention.in_proj.weight``, ``...out_proj``, ``ff_block.fn.linear1``,
     ``ff_block.fn.linear2``; the norms at ``self_attn_block.post`` / ``ff_block.post``
     (post-norm) or ``self_attn_block.fn.norm`` / ``ff_block.fn.norm`` (pre-norm).
+    ``load_state_dict`` also takes torch's keys (``self_attn.in_proj_weight``, ``linear1.*``,
+    ...); :meth:`torch_state_dict` gives them, :meth:`to_torch` / :meth:`from_torch` convert.
 
     >>> import torch
-    >>> ref = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-    >>> ours = TransformerEncoderLayer.from_torch(ref)
-    >>> x = torch.randn(2, 5, 16)
+    >>> ref = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0)
+    >>> ours = TransformerEncoderLayer(16, 2, 32, dropout=0.0)
+    >>> ours.load_state_dict(ref.state_dict())
+    <All keys matched successfully>
+    >>> x = torch.randn(5, 2, 16)  # (S, N, E): batch_first=False, as torch
     >>> bool((ours(x) - ref(x)).abs().max() < 1e-5)
     True
     """
@@ -52,30 +76,37 @@ class TransformerEncoderLayer(nn.Module):
         nhead: int,
         dim_feedforward: int = 2048,
         dropout: float = 0.1,
-        activation: str | Callable[[Tensor], Tensor] | nn.Module = "relu",
+        activation: str | Callable[[Tensor], Tensor] | nn.Module = F.relu,
         layer_norm_eps: float = 1e-5,
-        batch_first: bool = True,
+        batch_first: bool = False,
         norm_first: bool = False,
         bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         *,
         drop_path: float = 0.0,
         checkpoint: bool = False,
     ) -> None:
         super().__init__()
-        if not batch_first:
-            raise ResidualError(
-                "TransformerEncoderLayer: only batch_first=True is supported; transpose the "
-                "input to (batch, length, d_model)"
-            )
         check_positive_int("TransformerEncoderLayer", "dim_feedforward", dim_feedforward)
         check_drop_rate("TransformerEncoderLayer", dropout)
         self.norm_first = norm_first
-        attention = SelfAttention(d_model, nhead, dropout, bias)
-        norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
-        norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
+        self.batch_first = bool(batch_first)
+        attention = SelfAttention(
+            d_model, nhead, dropout, bias, batch_first=self.batch_first, device=device, dtype=dtype
+        )
+        norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, device=device, dtype=dtype)
+        norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, device=device, dtype=dtype)
         attn_branch = AttentionBranch(attention, dropout, norm1 if norm_first else None)
         ff_branch = FeedForward(
-            d_model, dim_feedforward, dropout, activation, bias, norm2 if norm_first else None
+            d_model,
+            dim_feedforward,
+            dropout,
+            _torch_activation(activation),
+            bias,
+            norm2 if norm_first else None,
+            device=device,
+            dtype=dtype,
         )
         self.self_attn_block = Residual(
             attn_branch,
@@ -89,6 +120,7 @@ class TransformerEncoderLayer(nn.Module):
             drop_path=drop_path,
             checkpoint=checkpoint,
         )
+        self.register_load_state_dict_pre_hook(_accept_torch_keys)
 
     def forward(
         self,
@@ -97,10 +129,98 @@ class TransformerEncoderLayer(nn.Module):
         src_key_padding_mask: Tensor | None = None,
         is_causal: bool = False,
     ) -> Tensor:
+        """torch's forward: ``src`` (S, N, E), (N, S, E) with ``batch_first``, or (S, E).
+
+        ``src_mask`` (S, S) or (N * nhead, S, S); ``src_key_padding_mask`` (N, S), or (S,)
+        for an unbatched ``src``; bool (``True`` = ignored) or float (added). ``is_causal``
+        is a hint that ``src_mask`` is the causal mask (without a ``src_mask``, a causal
+        mask is applied where torch would raise).
+        """
+        _check_src(src, self.self_attn.d_model, self.batch_first)
         x = self.self_attn_block(
             src, attn_mask=src_mask, key_padding_mask=src_key_padding_mask, is_causal=is_causal
         )
-        return self.ff_block(x)
+        return cast(Tensor, self.ff_block(x))
+
+    # torch's attribute names, as views of our modules (no extra state_dict keys).
+    @property
+    def self_attn(self) -> SelfAttention:
+        """The attention (with ``nn.MultiheadAttention``'s attribute names)."""
+        return cast(AttentionBranch, self.self_attn_block.fn).attention
+
+    @property
+    def linear1(self) -> nn.Linear:
+        return cast(FeedForward, self.ff_block.fn).linear1
+
+    @property
+    def linear2(self) -> nn.Linear:
+        return cast(FeedForward, self.ff_block.fn).linear2
+
+    @property
+    def norm1(self) -> nn.Module:
+        return self._norm(1)
+
+    @property
+    def norm2(self) -> nn.Module:
+        return self._norm(2)
+
+    @property
+    def dropout1(self) -> nn.Dropout:
+        return cast(AttentionBranch, self.self_attn_block.fn).dropout
+
+    @property
+    def dropout(self) -> nn.Dropout:
+        return cast(FeedForward, self.ff_block.fn).dropout
+
+    @property
+    def dropout2(self) -> nn.Dropout:
+        return cast(FeedForward, self.ff_block.fn).dropout2
+
+    @property
+    def activation(self) -> nn.Module:
+        return cast(FeedForward, self.ff_block.fn).activation
+
+    @property
+    def activation_relu_or_gelu(self) -> int:
+        """As torch's: 1 for ReLU, 2 for GELU, 0 otherwise."""
+        act = self.activation
+        fn = act.fn if isinstance(act, _Activation) else None
+        if isinstance(act, nn.ReLU) or fn is F.relu:
+            return 1
+        if isinstance(act, nn.GELU) or fn is F.gelu:
+            return 2
+        return 0
+
+    def torch_state_dict(self) -> dict[str, Tensor]:
+        """This layer's state under ``torch.nn.TransformerEncoderLayer``'s keys.
+
+        >>> import torch
+        >>> ours = TransformerEncoderLayer(16, 2, 32)
+        >>> torch.nn.TransformerEncoderLayer(16, 2, 32).load_state_dict(ours.torch_state_dict())
+        <All keys matched successfully>
+        """
+        ours = self.state_dict()
+        return {t: ours[o] for t, o in _torch_key_map(self.norm_first).items() if o in ours}
+
+    def to_torch(self) -> nn.TransformerEncoderLayer:
+        """The equal ``torch.nn.TransformerEncoderLayer``, weights copied (drop_path and
+        checkpoint have no equal there and are left out)."""
+        weight = self.self_attn.in_proj.weight
+        ref = nn.TransformerEncoderLayer(
+            self.self_attn.d_model,
+            self.self_attn.nhead,
+            self.linear1.out_features,
+            self.dropout1.p,
+            _to_torch_activation(self.activation),
+            cast(nn.LayerNorm, self.norm1).eps,
+            self.batch_first,
+            self.norm_first,
+            self.linear1.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        ref.load_state_dict(self.torch_state_dict(), strict=True)
+        return ref.train(self.training)
 
     @classmethod
     def from_torch(cls, layer: nn.TransformerEncoderLayer) -> TransformerEncoderLayer:
@@ -110,37 +230,22 @@ class TransformerEncoderLayer(nn.Module):
                 f"from_torch: expected torch.nn.TransformerEncoderLayer, got {type(layer).__name__}"
             )
         attn = layer.self_attn
-        if not attn.batch_first:
-            raise ResidualError("from_torch: the torch layer must be built with batch_first=True")
         if attn.in_proj_weight is None:
             raise ResidualError("from_torch: separate q/k/v projection weights are not supported")
-        activation = layer.activation
         ours = cls(
             attn.embed_dim,
             attn.num_heads,
             layer.linear1.out_features,
             layer.dropout.p,
-            activation if isinstance(activation, nn.Module) else _torch_activation(activation),
+            layer.activation,
             layer.norm1.eps,
-            True,
+            attn.batch_first,
             layer.norm_first,
             layer.linear1.bias is not None,
-        ).to(device=attn.in_proj_weight.device, dtype=attn.in_proj_weight.dtype)
-        theirs = {
-            "in_proj.weight": attn.in_proj_weight,
-            "in_proj.bias": attn.in_proj_bias,
-            "out_proj.weight": attn.out_proj.weight,
-            "out_proj.bias": attn.out_proj.bias,
-        }
-        with torch.no_grad():
-            attention = cast(AttentionBranch, ours.self_attn_block.fn).attention
-            for name, p in attention.named_parameters():
-                p.copy_(theirs[name])
-            ff = cast(FeedForward, ours.ff_block.fn)
-            ff.linear1.load_state_dict(layer.linear1.state_dict())
-            ff.linear2.load_state_dict(layer.linear2.state_dict())
-            ours._norm(1).load_state_dict(layer.norm1.state_dict())
-            ours._norm(2).load_state_dict(layer.norm2.state_dict())
+            device=attn.in_proj_weight.device,
+            dtype=attn.in_proj_weight.dtype,
+        )
+        ours.load_state_dict(layer.state_dict(), strict=True)
         return ours.train(layer.training)
 
     def _norm(self, index: int) -> nn.Module:
@@ -151,12 +256,58 @@ class TransformerEncoderLayer(nn.Module):
         return norm
 
 
-def _torch_activation(fn: Callable[[Tensor], Tensor]) -> str | Callable[[Tensor], Tensor]:
-    if fn is torch.nn.functional.relu:
+def _check_src(src: Tensor, d_model: int, batch_first: bool) -> None:
+    """The layer's input check, before any norm sees it (an FX leaf)."""
+    check_sequence("TransformerEncoderLayer", src, d_model, batch_first)
+
+
+def _torch_key_map(norm_first: bool) -> dict[str, str]:
+    """torch's TransformerEncoderLayer keys -> ours, in torch's order."""
+    attn = "self_attn_block.fn.attention."
+    norm1 = "self_attn_block.fn.norm." if norm_first else "self_attn_block.post."
+    norm2 = "ff_block.fn.norm." if norm_first else "ff_block.post."
+    return {
+        "self_attn.in_proj_weight": attn + "in_proj.weight",
+        "self_attn.in_proj_bias": attn + "in_proj.bias",
+        "self_attn.out_proj.weight": attn + "out_proj.weight",
+        "self_attn.out_proj.bias": attn + "out_proj.bias",
+        "linear1.weight": "ff_block.fn.linear1.weight",
+        "linear1.bias": "ff_block.fn.linear1.bias",
+        "linear2.weight": "ff_block.fn.linear2.weight",
+        "linear2.bias": "ff_block.fn.linear2.bias",
+        "norm1.weight": norm1 + "weight",
+        "norm1.bias": norm1 + "bias",
+        "norm2.weight": norm2 + "weight",
+        "norm2.bias": norm2 + "bias",
+    }
+
+
+def _accept_torch_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """A ``load_state_dict`` pre hook: torch's TransformerEncoderLayer keys are renamed to ours
+    (so torch's checkpoints load, ``strict=True`` included)."""
+    for theirs, ours in _torch_key_map(cast(TransformerEncoderLayer, module).norm_first).items():
+        if prefix + theirs in state_dict and prefix + ours not in state_dict:
+            state_dict[prefix + ours] = state_dict.pop(prefix + theirs)
+
+
+def _torch_activation(
+    fn: str | Callable[[Tensor], Tensor] | nn.Module,
+) -> str | Callable[[Tensor], Tensor] | nn.Module:
+    if fn is F.relu:
         return "relu"
-    if fn is torch.nn.functional.gelu:
+    if fn is F.gelu:
         return "gelu"
     return fn
+
+
+def _to_torch_activation(act: nn.Module) -> Callable[[Tensor], Tensor]:
+    if type(act) is nn.ReLU:
+        return F.relu
+    if type(act) is nn.GELU and act.approximate == "none":
+        return F.gelu
+    if isinstance(act, _Activation):
+        return act.fn
+    return act
 
 
 def gpt_block(
@@ -242,3 +393,4 @@ class CausalTransformerLM(nn.Module):
 
 
 torch.fx.wrap("_check_token_ids")
+torch.fx.wrap("_check_src")
