@@ -182,6 +182,12 @@ class SelfAttention(nn.Module):
     ``nn.MultiheadAttention``'s attributes that ``torch.nn.TransformerEncoder`` reads are here
     too: ``batch_first``, ``embed_dim``, ``num_heads``, ``in_proj_weight``, ``in_proj_bias``,
     ``_qkv_same_embed_dim`` (views of the parameters, not copies).
+
+    >>> import torch
+    >>> attn = SelfAttention(16, 4)
+    >>> pad = torch.tensor([[False, False, True]])  # the last position of the sequence is padding
+    >>> attn(torch.randn(1, 3, 16), key_padding_mask=pad).shape
+    torch.Size([1, 3, 16])
     """
 
     _qkv_same_embed_dim = True
@@ -266,6 +272,13 @@ class AttentionBranch(nn.Module):
     """``dropout(attention(norm(x), masks...))``: the attention branch of a Transformer layer.
 
     ``norm`` is None for post-norm layers (the norm is then the residual's ``post``).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from residual import Residual
+    >>> pre_norm = Residual(AttentionBranch(SelfAttention(16, 4), 0.0, nn.LayerNorm(16)))
+    >>> pre_norm(torch.randn(2, 5, 16), is_causal=True).shape
+    torch.Size([2, 5, 16])
     """
 
     def __init__(self, attention: SelfAttention, dropout: float, norm: nn.Module | None) -> None:
