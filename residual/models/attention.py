@@ -35,21 +35,6 @@ def _additive(mask: Tensor, dtype: torch.dtype, name: str) -> Tensor:
     return mask.to(dtype)
 
 
-def attention_mask(
-    attn_mask: Tensor | None,
-    key_padding_mask: Tensor | None,
-    batch: int,
-    heads: int,
-    length: int,
-    dtype: torch.dtype,
-) -> Tensor | None:
-    """Merge torch-style masks (bool True = masked out, or additive floats) into one SDPA mask.
-
-    ``attn_mask`` is (L, L) or (N * heads, L, L); ``key_padding_mask`` is (N, L).
-    """
-    return _merge_masks(attn_mask, key_padding_mask, batch, heads, length, dtype, False)
-
-
 def _merge_masks(
     attn_mask: Tensor | None,
     key_padding_mask: Tensor | None,
@@ -59,6 +44,11 @@ def _merge_masks(
     dtype: torch.dtype,
     unbatched: bool,
 ) -> Tensor | None:
+    """Merge torch-style masks (bool True = masked out, or additive floats) into one SDPA mask.
+
+    ``attn_mask`` is (L, L) or (N * heads, L, L); ``key_padding_mask`` is (N, L), or (L,) for
+    an unbatched input.
+    """
     mask: Tensor | None = None
     if attn_mask is not None:
         with _branch.shape_checks():
@@ -102,7 +92,7 @@ def sdpa_mask(
     """``(attn_mask, is_causal)`` for ``scaled_dot_product_attention`` on ``x``: (N, L, D) when
     ``batch_first``, else (L, N, D); or unbatched (L, D).
 
-    The masks merged by :func:`attention_mask`; a layer that is always ``causal`` adds the
+    The masks merged by :func:`_merge_masks`; a layer that is always ``causal`` adds the
     causal mask to them, or asks SDPA for it when there are none (as does ``is_causal``).
     An FX leaf: the masks are optional inputs, so whether they are present is known only when
     the traced graph runs.
