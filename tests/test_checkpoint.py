@@ -8,10 +8,10 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from conftest import MySelfAttention
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from conftest import MySelfAttention
 from residual import Residual, ResidualBlock
 from residual.models import TransformerEncoderLayer
 

@@ -7,9 +7,9 @@ import io
 
 import pytest
 import torch
-from conftest import MySelfAttention
 from torch import nn
 
+from conftest import MySelfAttention
 from residual import (
     IdentityShortcut,
     PooledProjectionShortcut,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 import torchinfo
-from conftest import MySelfAttention
 from torch import nn
 
+from conftest import MySelfAttention
 from residual import Residual, ResidualBlock
 
 
