@@ -175,3 +175,27 @@ def test_cifar_resnet_equals_a_hand_written_one() -> None:
         ref.train(train)
         ours.train(train)
         torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_load_torchvision_accepts_files_without_num_batches_tracked() -> None:
+    """torchvision's older ImageNet weight files have no BN counters; torch's strict load takes
+    them, and so do we (the counters keep their values)."""
+    source, target = resnet18(), resnet18()
+    theirs = {k: v for k, v in to_torchvision_state_dict(source).items() if "num_batches" not in k}
+    load_torchvision(target, theirs)
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(target.eval()(x), source.eval()(x), rtol=0, atol=0)
+
+
+def test_load_torchvision_strips_a_ddp_prefix() -> None:
+    source, target = resnet18(), resnet18()
+    theirs = {f"module.{k}": v for k, v in to_torchvision_state_dict(source).items()}
+    load_torchvision(target, theirs)
+    assert torch.equal(target.fc.weight, source.fc.weight)
+
+
+def test_load_torchvision_names_a_malformed_value() -> None:
+    theirs = to_torchvision_state_dict(resnet18())
+    theirs["fc.bias"] = [0.0] * 1000  # type: ignore[assignment]
+    with pytest.raises(ResidualError, match="'fc.bias' is a list, not a tensor"):
+        load_torchvision(resnet18(), theirs)

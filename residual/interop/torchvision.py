@@ -67,11 +67,15 @@ def load_torchvision(
 
     Every key is used exactly once and every shape is checked before anything is copied;
     files are read with ``torch.load(..., weights_only=True)``. The model then computes what
-    torchvision's model computes with those weights.
+    torchvision's model computes with those weights. As torch's own strict load, it accepts
+    state_dicts without ``*.num_batches_tracked`` (torchvision's older weight files lack them:
+    the counters keep their values); a ``module.`` prefix on every key (a DDP checkpoint) is
+    stripped.
 
     Raises:
-        ResidualError: missing or unexpected keys (named), shapes that differ (both shown), or a
-            model torchvision has no equivalent of.
+        ResidualError: missing or unexpected keys (named), shapes that differ (both shown), a
+            value that is not a tensor (its key named), or a model torchvision has no
+            equivalent of.
 
     >>> from residual.models import resnet18
     >>> model = resnet18()
@@ -88,6 +92,15 @@ def load_torchvision(
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"load_torchvision: expected a state_dict, got {type(state_dict).__name__}")
     _check_model(model)
+    if state_dict and all(k.startswith("module.") for k in state_dict):  # saved from DDP
+        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
+    bad = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise ResidualError(
+            f"load_torchvision: the value of {bad[0]!r} is a "
+            f"{type(state_dict[bad[0]]).__name__}, not a tensor; pass the model's state_dict "
+            "(for a training checkpoint, its 'model' or 'state_dict' entry)"
+        )
     ours = model.state_dict()
     mapped: dict[str, Tensor] = {}
     unexpected: list[str] = []
@@ -99,7 +112,11 @@ def load_torchvision(
             raise ResidualError(f"load_torchvision: two keys map to {target!r}; one is {key!r}")
         else:
             mapped[target] = value
-    missing = [_rename(k, _REVERSE) for k in ours if k not in mapped]
+    missing = [
+        _rename(k, _REVERSE)
+        for k in ours
+        if k not in mapped and not k.endswith("num_batches_tracked")  # optional, as for torch
+    ]
     wrong = [
         f"{_rename(k, _REVERSE)}: theirs {tuple(v.shape)}, ours {tuple(ours[k].shape)}"
         for k, v in mapped.items()
@@ -118,7 +135,7 @@ def load_torchvision(
             + "; ".join(parts)
             + "); is it the same architecture (e.g. resnet50 weights for a resnet50)?"
         )
-    model.load_state_dict(mapped, strict=True)
+    model.load_state_dict(mapped, strict=False)  # every other key was checked above
 
 
 def to_torchvision_state_dict(model: nn.Module) -> dict[str, Tensor]:
