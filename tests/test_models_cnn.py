@@ -190,7 +190,8 @@ def test_load_torchvision_accepts_files_without_num_batches_tracked() -> None:
 def test_load_torchvision_strips_a_ddp_prefix() -> None:
     source, target = resnet18(), resnet18()
     theirs = {f"module.{k}": v for k, v in to_torchvision_state_dict(source).items()}
-    load_torchvision(target, theirs)
+    with pytest.warns(UserWarning, match="prefix was stripped"):
+        load_torchvision(target, theirs)
     assert torch.equal(target.fc.weight, source.fc.weight)
 
 

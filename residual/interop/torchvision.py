@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -70,7 +71,7 @@ def load_torchvision(
     torchvision's model computes with those weights. As torch's own strict load, it accepts
     state_dicts without ``*.num_batches_tracked`` (torchvision's older weight files lack them:
     the counters keep their values); a ``module.`` prefix on every key (a DDP checkpoint) is
-    stripped.
+    stripped, with a warning that says so.
 
     Raises:
         ResidualError: missing or unexpected keys (named), shapes that differ (both shown), a
@@ -93,6 +94,11 @@ def load_torchvision(
         raise TypeError(f"load_torchvision: expected a state_dict, got {type(state_dict).__name__}")
     _check_model(model)
     if state_dict and all(k.startswith("module.") for k in state_dict):  # saved from DDP
+        warnings.warn(
+            "load_torchvision: every key starts with 'module.' (a DistributedDataParallel "
+            "checkpoint); the prefix was stripped",
+            stacklevel=2,
+        )
         state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
     bad = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
     if bad:
