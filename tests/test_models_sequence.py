@@ -269,20 +269,28 @@ def test_encoder_layer_equals_torch_with_dropout(norm_first: bool, batch: int) -
         # layouts coincide, with more the view is made contiguous so both draw the same mask.
         ref.dropout1.register_forward_pre_hook(lambda _, args: (args[0].contiguous(),))
     x = torch.randn(batch, 9, 32)
+    ya = _assert_seeded_equal(ref, ours, x)
+    torch.manual_seed(2)
+    assert (ref(x) - ya).abs().max() > 0.1  # dropout is live: another seed, another output
+
+
+def _assert_seeded_equal(
+    ref: nn.TransformerEncoderLayer, ours: TransformerEncoderLayer, x: torch.Tensor
+) -> torch.Tensor:
+    """Same seed, same input: equal outputs, input gradients and parameter gradients."""
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     torch.manual_seed(1)
     ya = ref(xa)
     torch.manual_seed(1)
     yb = ours(xb)
     torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
-    torch.manual_seed(2)
-    assert (ref(x) - ya).abs().max() > 0.1  # dropout is live: another seed, another output
     grad = torch.randn_like(ya)
     ya.backward(grad)
     yb.backward(grad)
     torch.testing.assert_close(xb.grad, xa.grad, atol=1e-5, rtol=1e-5)
     for name, (theirs, mine) in _parameter_pairs(ref, ours).items():
         torch.testing.assert_close(mine.grad, theirs.grad, atol=1e-5, rtol=1e-5, msg=name)
+    return ya.detach()
 
 
 class _RecordDropout(TorchFunctionMode):
@@ -463,19 +471,7 @@ def test_seq_first_draws_torchs_dropout_masks(norm_first: bool) -> None:
     no contiguity hook, and the same gradients."""
     ref = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.3, norm_first=norm_first)
     ours = TransformerEncoderLayer.from_torch(ref)
-    x = torch.randn(9, 3, 32)
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    torch.manual_seed(1)
-    ya = ref(xa)
-    torch.manual_seed(1)
-    yb = ours(xb)
-    torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
-    grad = torch.randn_like(ya)
-    ya.backward(grad)
-    yb.backward(grad)
-    torch.testing.assert_close(xb.grad, xa.grad, atol=1e-5, rtol=1e-5)
-    for name, (theirs, mine) in _parameter_pairs(ref, ours).items():
-        torch.testing.assert_close(mine.grad, theirs.grad, atol=1e-5, rtol=1e-5, msg=name)
+    _assert_seeded_equal(ref, ours, torch.randn(9, 3, 32))
 
 
 def test_is_causal_without_src_mask_applies_the_causal_mask() -> None:
