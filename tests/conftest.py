@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 
 import pytest
 import torch
@@ -14,6 +16,22 @@ settings.register_profile("dev", max_examples=25, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+# Tests that hand our code to a compiler (dynamo, export, TorchScript). Mutation runs
+# (.ci/mutation.py) deselect them with `-m "not compiles"`: mutmut's trampolines around every
+# function are not traceable, so these would fail on every mutant and count as kills.
+_COMPILES = re.compile(r"torch\.compile|torch\.export|torch\.jit|torch\.onnx|_dynamo")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "compiles: the test compiles or exports our modules")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fn = getattr(item, "function", None)
+        if fn is not None and _COMPILES.search(inspect.getsource(fn)):
+            item.add_marker(pytest.mark.compiles)
 
 
 @pytest.fixture(autouse=True)
