@@ -69,6 +69,8 @@ class ResNet(nn.Module):
         ResidualError: a basic-block net with ``groups`` or ``width_per_group`` changed, a
             ``replace_stride_with_dilation`` that is not three booleans, ``weights`` not None.
         NotImplementedError: a dilated basic block (as torchvision's ``BasicBlock``).
+        TypeError: ``replace_stride_with_dilation`` holding other than bools, ``num_classes``
+            not an int.
 
     Attributes:
         feature_info: timm's list of ``dict(num_chs=, reduction=, module=)``, one per output
