@@ -391,6 +391,27 @@ CATALOGUE: list[Misuse] = [
         "layers must be 4 positive block counts",
     ),
     Misuse(
+        "basic-groups",
+        "groups or a width on a basic-block ResNet (resnet18/34)",
+        lambda: resnet18(groups=2),
+        ResidualError,
+        "BasicBlock only supports groups=1 and base_width=64, got groups=2.*use a bottleneck",
+    ),
+    Misuse(
+        "basic-dilation",
+        "a dilated stage of basic blocks",
+        lambda: ResNet("basic", [2, 2, 2, 2], replace_stride_with_dilation=[False, False, True]),
+        NotImplementedError,
+        r"Dilation > 1 not supported in BasicBlock .*dilate a bottleneck net",
+    ),
+    Misuse(
+        "dilation-length",
+        "replace_stride_with_dilation for all four stages",
+        lambda: resnet50(replace_stride_with_dilation=[False, False, True, True]),
+        ResidualError,
+        r"3-element tuple, got \[False, False, True, True\]; one bool per stage 2-4",
+    ),
+    Misuse(
         "other-architecture-weights",
         "resnet50 weights loaded into a resnet18",
         lambda: load_torchvision(resnet18(), _tv_state(resnet50)),

@@ -11,6 +11,7 @@ from torch import nn
 
 from residual import Residual, ResidualError, ZeroPadShortcut
 from residual.models import (
+    ResNet,
     cifar_resnet,
     load_torchvision,
     resnet18,
@@ -75,6 +76,16 @@ def test_cifar_bad_depth(depth: int) -> None:
         cifar_resnet(depth)
 
 
+def _randomise_norms(model: nn.Module) -> None:
+    with torch.no_grad():  # non-trivial norms and statistics
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+
+
 @pytest.mark.parametrize(
     ("build", "block", "layers", "extra"),
     [
@@ -87,13 +98,7 @@ def test_cifar_bad_depth(depth: int) -> None:
 )
 def test_torchvision_parity(build, block, layers, extra) -> None:
     ref = TorchvisionResNet(block, layers, num_classes=10, **extra)
-    with torch.no_grad():  # non-trivial norms and statistics
-        for m in ref.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
+    _randomise_norms(ref)
     ours = build(num_classes=10)
     assert _count(ours) == _count(ref)
     load_torchvision(ours, ref.state_dict())
@@ -200,3 +205,194 @@ def test_load_torchvision_names_a_malformed_value() -> None:
     theirs["fc.bias"] = [0.0] * 1000  # type: ignore[assignment]
     with pytest.raises(ResidualError, match="'fc.bias' is a list, not a tensor"):
         load_torchvision(resnet18(), theirs)
+
+
+# --- torchvision's builder arguments and timm's conveniences ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "dilate",
+    [(False, False, True), (False, True, True), (True, True, True)],
+    ids=["os16", "os8", "os4"],
+)
+def test_dilation_equals_torchvision_make_layer(dilate: tuple[bool, bool, bool]) -> None:
+    ref = TorchvisionResNet(
+        Bottleneck, [1, 2, 2, 2], num_classes=10, replace_stride_with_dilation=dilate
+    )
+    _randomise_norms(ref)
+    ours = ResNet(
+        "bottleneck", [1, 2, 2, 2], num_classes=10, replace_stride_with_dilation=list(dilate)
+    )
+    load_torchvision(ours, ref.state_dict())
+    for name in ("layer2", "layer3", "layer4"):
+        for theirs, mine in zip(ref.get_submodule(name), ours.get_submodule(name), strict=True):
+            assert mine.fn.conv2.dilation == theirs.conv2.dilation
+            assert mine.fn.conv2.stride == theirs.conv2.stride
+    assert ours.layer4[1].fn.conv2.dilation == (2 ** sum(dilate),) * 2
+    assert ours.layer4[0].fn.conv2.dilation == (2 ** sum(dilate[:2]),) * 2  # previous dilation
+    x = torch.randn(2, 3, 64, 64)
+    ref.eval()
+    ours.eval()
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+    size = 64 // 32 * 2 ** sum(dilate)
+    assert ours.forward_features(x).shape == (2, 2048, size, size)
+    assert [f["reduction"] for f in ours.feature_info][-1] == 32 // 2 ** sum(dilate)
+
+
+def test_dilated_resnet_traces_with_fx() -> None:
+    net = ResNet(
+        "bottleneck", [1, 1, 2, 2], replace_stride_with_dilation=[False, True, True]
+    ).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.fx.symbolic_trace(net)(x), net(x), atol=0, rtol=0)
+
+
+def test_basic_block_arguments_are_checked_as_torchvision() -> None:
+    with pytest.raises(ValueError, match="BasicBlock only supports groups=1 and base_width=64"):
+        resnet18(groups=2)
+    with pytest.raises(ResidualError, match=r"width_per_group=128; use a bottleneck net"):
+        resnet18(width_per_group=128)
+    with pytest.raises(NotImplementedError, match=r"Dilation > 1 not supported in BasicBlock"):
+        resnet34(replace_stride_with_dilation=[False, False, True])
+    # As torchvision: a stage's first block keeps the previous dilation, so a one-block
+    # basic stage can be "dilated" (its output size stays); a second block cannot.
+    net = ResNet("basic", [1, 1, 1, 1], replace_stride_with_dilation=[False, False, True])
+    assert net.forward_features(torch.randn(1, 3, 64, 64)).shape == (1, 512, 4, 4)
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        ([True, False], ResidualError, r"None or a 3-element tuple, got \[True, False\]"),
+        ("TTT", ResidualError, "3-element tuple"),
+        ([0, 1, 1], TypeError, "must hold bools"),
+    ],
+    ids=["two", "string", "ints"],
+)
+def test_replace_stride_with_dilation_is_checked(value, error, match) -> None:
+    with pytest.raises(error, match=match):
+        resnet50(replace_stride_with_dilation=value)
+
+
+def test_norm_layer_none_is_batchnorm_and_a_callable_is_called_with_channels() -> None:
+    torch.manual_seed(0)
+    default = resnet18()
+    torch.manual_seed(0)
+    none = resnet18(norm_layer=None)
+    assert [type(m) for m in none.modules()] == [type(m) for m in default.modules()]
+    torch.testing.assert_close(none.state_dict(), default.state_dict(), atol=0, rtol=0)
+    widths: list[int] = []
+
+    def group_norm(num_features: int) -> nn.Module:
+        widths.append(num_features)
+        return nn.GroupNorm(32, num_features)
+
+    net = resnet50(norm_layer=group_norm, zero_init_residual=True)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    assert len(widths) == 53 and set(widths) == {64, 128, 256, 512, 1024, 2048}
+    assert torch.all(net.layer1[0].fn.bn3.weight == 0)
+
+
+def test_in_channels_for_non_rgb_images() -> None:
+    net = resnet18(in_channels=1, num_classes=4)
+    assert net.conv1.weight.shape == (64, 1, 7, 7)
+    assert net(torch.randn(2, 1, 32, 32)).shape == (2, 4)
+    with pytest.raises(ResidualError, match=r"\(N, 1, H, W\), got \(2, 3, 32, 32\)"):
+        net(torch.randn(2, 3, 32, 32))
+    with pytest.raises(ResidualError, match="in_channels must be a positive int, got 0"):
+        resnet18(in_channels=0)
+
+
+def test_weights_none_is_accepted_and_others_point_to_load_torchvision() -> None:
+    assert resnet18(weights=None, progress=False).fc.out_features == 1000
+    with pytest.raises(ResidualError, match=r"weights='IMAGENET1K_V1'.*load_torchvision"):
+        resnet18(weights="IMAGENET1K_V1")  # type: ignore[arg-type]
+
+
+def test_forward_features_then_head_is_forward() -> None:
+    net = resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    features = net.forward_features(x)
+    assert features.shape == (2, 512, 2, 2)
+    torch.testing.assert_close(net.forward_head(features), net(x), atol=0, rtol=0)
+    pooled = net.forward_head(features, pre_logits=True)
+    torch.testing.assert_close(pooled, features.mean((2, 3)), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(net.fc(pooled), net(x), atol=0, rtol=0)
+    assert net.get_classifier() is net.fc
+    assert net.num_features == net.inplanes == 512  # timm's and torchvision's names
+
+
+def test_reset_classifier_and_headless_nets() -> None:
+    net = resnet18().eval()
+    x = torch.randn(2, 3, 32, 32)
+    pooled = net.forward_head(net.forward_features(x), pre_logits=True)
+    net.reset_classifier(0)
+    assert isinstance(net.fc, nn.Identity) and net.num_classes == 0
+    assert not any(k.startswith("fc.") for k in net.state_dict())
+    torch.testing.assert_close(net(x), pooled, atol=0, rtol=0)
+    net.reset_classifier(7)
+    assert net(x).shape == (2, 7) and net.get_classifier().in_features == 512
+    headless = resnet50(num_classes=0)
+    assert isinstance(headless.fc, nn.Identity)
+    assert headless(x).shape == (2, 2048)
+    with pytest.raises(ResidualError, match="num_classes must be >= 0, got -1"):
+        net.reset_classifier(-1)
+    with pytest.raises(TypeError, match="num_classes must be an int, got float"):
+        resnet18(num_classes=10.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("build", "channels", "reductions"),
+    [
+        (lambda: resnet18(), [64, 64, 128, 256, 512], [2, 4, 8, 16, 32]),
+        (
+            lambda: ResNet(
+                "bottleneck", [1, 1, 1, 1], replace_stride_with_dilation=[False, True, True]
+            ),
+            [64, 256, 512, 1024, 2048],
+            [2, 4, 8, 8, 8],
+        ),
+    ],
+    ids=["resnet18", "bottleneck-os8"],
+)
+def test_forward_intermediates_match_feature_info_and_hooks(build, channels, reductions) -> None:
+    net = build().eval()
+    assert [f["num_chs"] for f in net.feature_info] == channels
+    assert [f["reduction"] for f in net.feature_info] == reductions
+    seen: dict[str, torch.Tensor] = {}
+    for info in net.feature_info:
+        net.get_submodule(info["module"]).register_forward_hook(
+            lambda _m, _i, out, name=info["module"]: seen.__setitem__(name, out.clone())
+        )
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        final, feats = net.forward_intermediates(x)
+        logits = net(x)
+    assert len(feats) == 5
+    for info, feat in zip(net.feature_info, feats, strict=True):
+        assert feat.shape == (2, info["num_chs"], 64 // info["reduction"], 64 // info["reduction"])
+        torch.testing.assert_close(feat, seen[info["module"]], atol=0, rtol=0)
+    torch.testing.assert_close(net.forward_head(final), logits, atol=0, rtol=0)
+    with torch.no_grad():
+        last_two = net.forward_intermediates(x, 2, intermediates_only=True)
+        picked = net.forward_intermediates(x, [-1, 1], intermediates_only=True)
+        early, stopped = net.forward_intermediates(x, [2], stop_early=True)
+    assert [f.shape[1] for f in last_two] == channels[3:]
+    assert [f.shape[1] for f in picked] == [channels[1], channels[4]]
+    torch.testing.assert_close(early, stopped[0], atol=0, rtol=0)
+    assert early.shape[1] == channels[2]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"indices": 6}, r"indices=6 must be in 1\.\.5"),
+        ({"indices": [0, 5]}, r"must be in -5\.\.4 .*got \[0, 5\]"),
+        ({"output_fmt": "NHWC"}, "output_fmt must be 'NCHW'"),
+    ],
+    ids=["too-many", "out-of-range", "nhwc"],
+)
+def test_forward_intermediates_bad_arguments(kwargs, match) -> None:
+    with pytest.raises(ResidualError, match=match):
+        resnet18().forward_intermediates(torch.randn(1, 3, 32, 32), **kwargs)

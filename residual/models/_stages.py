@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -12,8 +12,8 @@ from residual.core import Residual
 from residual.drop import check_drop_rate, linear_drop_rates
 from residual.errors import ResidualError
 
-BlockBuilder = Callable[[int, int, int, float], Residual]
-"""(in_channels, width, stride, drop_path) -> a residual block."""
+BlockBuilder = Callable[[int, int, int, float, int], Residual]
+"""(in_channels, width, stride, drop_path, dilation) -> a residual block."""
 
 
 def make_stages(
@@ -25,12 +25,16 @@ def make_stages(
     out_channels: Callable[[int], int],
     drop_path: float,
     caller: str,
+    dilate: Sequence[bool] | None = None,
 ) -> tuple[list[nn.Sequential], int]:
     """Build one ``nn.Sequential`` of blocks per stage; rates decay linearly with depth.
 
     The first block of a stage takes the stage's stride; ``out_channels(width)`` gives the
     channels a block of that width outputs (``width`` for basic blocks, ``4 * width`` for
-    bottlenecks). Returns the stages and the channels leaving the last one.
+    bottlenecks). ``dilate[i]`` replaces stage i's stride by a dilation, as torchvision's
+    ``_make_layer``: the stage keeps its input's resolution, the dilation is multiplied by the
+    stride from then on, and the stage's first block still uses the previous dilation. Returns
+    the stages and the channels leaving the last one.
     """
     check_drop_rate(caller, drop_path)
     total = sum(blocks_per_stage)
@@ -38,10 +42,26 @@ def make_stages(
     stages: list[nn.Sequential] = []
     index = 0
     channels = in_channels
-    for width, count, stride in zip(widths, blocks_per_stage, strides, strict=True):
+    dilation = 1
+    dilated = [False] * len(widths) if dilate is None else list(dilate)
+    for width, count, stride, dilates in zip(
+        widths, blocks_per_stage, strides, dilated, strict=True
+    ):
+        previous = dilation
+        if dilates:
+            dilation, stride = dilation * stride, 1
         blocks: list[nn.Module] = []
         for i in range(count):
-            blocks.append(build(channels, width, stride if i == 0 else 1, rates[index]))
+            first = i == 0
+            blocks.append(
+                build(
+                    channels,
+                    width,
+                    stride if first else 1,
+                    rates[index],
+                    previous if first else dilation,
+                )
+            )
             channels = out_channels(width)
             index += 1
         stages.append(nn.Sequential(*blocks))

@@ -111,7 +111,8 @@ def cifar_resnet(
         )
     block: Callable[..., Residual] = PreActBlock if preact else ResidualBlock
 
-    def build(cin: int, width: int, stride: int, rate: float) -> Residual:
+    def build(cin: int, width: int, stride: int, rate: float, dilation: int) -> Residual:
+        # dilation: always 1 (no stage is dilated here)
         return block(
             cin,
             width,
