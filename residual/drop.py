@@ -87,11 +87,20 @@ def _safe_divisor(keep: Tensor) -> Tensor:
     return keep.clamp_min(torch.finfo(keep.dtype).tiny)
 
 
-def _row_mask(x: Tensor, keep: Tensor, scale_by_keep: bool = True) -> Tensor:
-    """A (N, 1, ..., 1) mask of 0 and ``1 / keep`` (1 unscaled), one Bernoulli draw per sample."""
+def _row_mask(x: Tensor, keep: Tensor | float, scale_by_keep: bool = True) -> Tensor:
+    """A (N, 1, ..., 1) mask of 0 and ``1 / keep`` (1 unscaled), one Bernoulli draw per sample.
+
+    With a float ``keep`` these are timm's and torchvision's ops, in their order: the same
+    masks as theirs after the same ``torch.manual_seed`` (``bernoulli_`` with a tensor
+    probability, what a compiled graph needs, draws another stream).
+    """
     shape = (x.shape[0],) + (1,) * (x.dim() - 1)
     mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(keep)
-    return mask.div_(_safe_divisor(keep)) if scale_by_keep else mask
+    if not scale_by_keep:
+        return mask
+    if isinstance(keep, Tensor):
+        return mask.div_(_safe_divisor(keep))
+    return mask.div_(keep) if keep > 0.0 else mask
 
 
 def drop_path(
@@ -112,12 +121,12 @@ def drop_path(
     if not training:
         return x
     if isinstance(p, Tensor):
-        keep = (1.0 - p).to(device=x.device, dtype=x.dtype)
+        keep: Tensor | float = (1.0 - p).to(device=x.device, dtype=x.dtype)
     else:
         rate = check_drop_rate("drop_path", p, allow_one=True)
         if rate == 0.0:
             return x
-        keep = torch.tensor(1.0 - rate, dtype=x.dtype, device=x.device)
+        keep = 1.0 - rate
     return x * _row_mask(x, keep, scale_by_keep)
 
 
@@ -175,7 +184,10 @@ class RowDrop(_Policy):
     ) -> Any:
         out = call_branch(branch, x, args, kwargs, ckpt)
         head = _branch.branch_head(out, type(branch).__name__)
-        return _branch.replace_head(out, head * _row_mask(head, self.keep, self.scale_by_keep))
+        # Eager draws as timm / torchvision (a float rate); compiled reads the rate buffer, so a
+        # new rate recompiles nothing.
+        keep = self.keep if torch.compiler.is_compiling() else 1.0 - self.p
+        return _branch.replace_head(out, head * _row_mask(head, keep, self.scale_by_keep))
 
 
 def _mix32(x: Tensor) -> Tensor:

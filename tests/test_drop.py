@@ -415,3 +415,39 @@ def test_manual_seed_reproduces_training_compiled(mode: str) -> None:
     if mode == "batch":
         eager = run(False)
         assert all(torch.allclose(a, b) for a, b in zip(first, eager, strict=True))
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.8])
+def test_batch_draws_pass_a_binomial_test_as_often_as_chance_allows(p: float) -> None:
+    """torchvision's statistical test (250 draws, p-value > 0.01) over many seeds: ~1% fail."""
+    stats = pytest.importorskip("scipy.stats")
+    from residual.drop import _uniform
+
+    steps = torch.arange(250)
+    fails = 0
+    for seed in range(300):
+        dropped = int((_uniform(torch.tensor(seed * 7919 + 12345), steps) >= 1 - p).sum())
+        fails += stats.binomtest(dropped, 250, p=p).pvalue <= 0.01
+    assert fails <= 9  # 3%: the chance of more under a fair stream is about 0.1%
+
+
+def test_eager_row_masks_are_the_peers_masks_bit_for_bit() -> None:
+    """After the same manual_seed: torchvision's row-mode ops (timm's are the same) vs ours."""
+
+    def peers(x: Tensor, p: float) -> Tensor:  # torchvision.ops.stochastic_depth, mode="row"
+        survival_rate = 1.0 - p
+        noise = torch.empty([x.shape[0]] + [1] * (x.ndim - 1), dtype=x.dtype)
+        noise = noise.bernoulli_(survival_rate)
+        if survival_rate > 0.0:
+            noise.div_(survival_rate)
+        return x * noise
+
+    from residual import drop_path
+
+    x = torch.randn(64, 3, 2)
+    block = Residual(nn.Identity(), drop_path=0.3)
+    for ours in (lambda: drop_path(x, 0.3), lambda: block(x) - x):
+        torch.manual_seed(11)
+        expected = peers(x, 0.3)
+        torch.manual_seed(11)
+        torch.testing.assert_close(ours(), expected, atol=1e-6, rtol=0)
