@@ -253,6 +253,11 @@ def test_bad_spatial_dims(bad: object, error: type[Exception]) -> None:
         ResidualBlock(4, 4, spatial_dims=bad)  # type: ignore[arg-type]
 
 
+def test_a_non_tensor_input_gets_residuals_own_message() -> None:
+    with pytest.raises(TypeError, match="the first argument must be the main tensor"):
+        ResidualBlock(4, 4, spatial_dims=1)([1.0, 2.0])  # type: ignore[arg-type]
+
+
 def test_the_fixes_in_the_messages_work() -> None:
     ResidualBlock(4, 4, spatial_dims=2)(torch.randn(2, 4, 5, 5))
     PreActBlock(4, 4, spatial_dims=1)(torch.randn(4, 9).unsqueeze(0))
