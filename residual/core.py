@@ -152,7 +152,9 @@ class Residual(nn.Module):
         (0.2, 'batch')
         """
         mode = self.drop_mode if drop_mode is None else drop_mode
-        scale = self.scale_by_keep if scale_by_keep is None else bool(scale_by_keep)
+        if scale_by_keep is not None and not isinstance(scale_by_keep, bool):
+            raise TypeError(f"Residual: scale_by_keep must be True or False, got {scale_by_keep!r}")
+        scale = self.scale_by_keep if scale_by_keep is None else scale_by_keep
         policy = make_drop_policy(drop_path, mode, scale)
         if policy is not None and isinstance(self.shortcut, NoShortcut):
             raise ResidualError(

@@ -233,6 +233,13 @@ CATALOGUE: list[Misuse] = [
         r"must be in \[0, 1\]",
     ),
     Misuse(
+        "scale-by-keep-string",
+        "scale_by_keep given as a string",
+        lambda: Residual(nn.Linear(4, 4), drop_path=0.1, scale_by_keep="False"),  # type: ignore[arg-type]
+        TypeError,
+        "scale_by_keep must be True or False, got 'False'",
+    ),
+    Misuse(
         "rate-string",
         "a drop rate given as a string",
         lambda: Residual(nn.Linear(4, 4), drop_path="0.1"),
