@@ -57,14 +57,16 @@ class Residual(nn.Module):
         merge: how S and F meet, called as ``merge(shortcut, branch)``; None adds.
         post: module applied after the merge (the ReLU of the classic block).
         pre: module applied to the input before both paths (shared pre-activation).
-        drop_path: stochastic depth rate in [0, 1); drop_mode: ``"row"``, ``"batch"`` (compute
-            skipped) or ``"subset"`` (compute on a share); see :mod:`residual.drop`.
+        drop_path: stochastic depth rate in [0, 1]; drop_mode: ``"row"``, ``"batch"`` (compute
+            skipped) or ``"subset"`` (compute on a share); see :mod:`residual.drop`. At 1 the
+            block trains as ``merge(S(x), 0)``. scale_by_keep: rescale kept outputs by
+            ``1 / (1 - p)`` (default; False as timm's ``DropPath(scale_by_keep=False)``).
         checkpoint: recompute the branch in backward instead of storing its activations.
         residual_in_fp32: merge (and return) at least float32, for mixed-precision streams.
 
     Raises:
         TypeError: a part is not a module (or the shortcut not a name).
-        ResidualError: an unknown name or mode, a rate outside [0, 1), a branch whose dimensions
+        ResidualError: an unknown name or mode, a rate outside [0, 1], a branch whose dimensions
             a named shortcut cannot read, or a merge built for other channels.
 
     State dict keys: ``fn.*``, ``shortcut.*``, ``merge.*``, ``post.*``, ``pre.*``, ``drop.*``.
@@ -98,6 +100,7 @@ class Residual(nn.Module):
         pre: nn.Module | None = None,
         drop_path: float = 0.0,
         drop_mode: DropMode = "row",
+        scale_by_keep: bool = True,
         checkpoint: bool = False,
         residual_in_fp32: bool = False,
     ) -> None:
@@ -115,8 +118,9 @@ class Residual(nn.Module):
             check_merge_fits(merge, fn)
         self.checkpoint = bool(checkpoint)
         self.residual_in_fp32 = bool(residual_in_fp32)
-        self.drop_mode: str = "row"  # with drop_path: set by set_drop_path only
-        self.set_drop_path(drop_path, drop_mode=drop_mode)
+        self.drop_mode: str = "row"  # with drop_path and scale_by_keep: set by set_drop_path only
+        self.scale_by_keep = True
+        self.set_drop_path(drop_path, drop_mode=drop_mode, scale_by_keep=scale_by_keep)
         self.register_load_state_dict_post_hook(optional_drop_state)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -132,11 +136,14 @@ class Residual(nn.Module):
         """The stochastic depth rate (0 when the block drops nothing)."""
         return float(self.drop.p) if self.drop is not None else 0.0
 
-    def set_drop_path(self, drop_path: float, *, drop_mode: str | None = None) -> None:
-        """Set the stochastic depth rate (and optionally the mode) in place.
+    def set_drop_path(
+        self, drop_path: float, *, drop_mode: str | None = None, scale_by_keep: bool | None = None
+    ) -> None:
+        """Set the stochastic depth rate (and optionally the mode or scaling) in place.
 
-        Between non-zero rates of one mode only a buffer changes: a ``torch.compile``-d model
-        does not recompile ("subset" excepted: its sample count is a shape).
+        Between non-zero rates of one mode (1 included) only a buffer changes: a
+        ``torch.compile``-d model does not recompile ("subset" excepted: its sample count is a
+        shape). None keeps the current mode / scaling.
 
         >>> from torch import nn
         >>> block = Residual(nn.Linear(4, 4))
@@ -145,7 +152,10 @@ class Residual(nn.Module):
         (0.2, 'batch')
         """
         mode = self.drop_mode if drop_mode is None else drop_mode
-        policy = make_drop_policy(drop_path, mode)
+        if scale_by_keep is not None and not isinstance(scale_by_keep, bool):
+            raise TypeError(f"Residual: scale_by_keep must be True or False, got {scale_by_keep!r}")
+        scale = self.scale_by_keep if scale_by_keep is None else scale_by_keep
+        policy = make_drop_policy(drop_path, mode, scale)
         if policy is not None and isinstance(self.shortcut, NoShortcut):
             raise ResidualError(
                 "Residual: drop_path needs a shortcut; with shortcut='none' dropping the branch "
@@ -154,11 +164,12 @@ class Residual(nn.Module):
         current = self.drop
         if policy is None:
             self.drop = None
-        elif type(current) is type(policy):
-            current.set_rate(policy.p)  # type: ignore[operator]
+        elif type(current) is type(policy):  # keep its draw state (a BatchDrop's seed, step)
+            current.set_rate(policy.p, scale_by_keep=scale)  # type: ignore[operator]
         else:
             self.drop = policy
         self.drop_mode = mode
+        self.scale_by_keep = scale
 
     # Parts come from self._modules: nn.Module.__getattr__ costs ~0.7 us a lookup.
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -193,6 +204,8 @@ class Residual(nn.Module):
         parts = []
         if self.drop is not None:
             parts.append(f"drop_path={self.drop_path}, drop_mode={self.drop_mode!r}")
+            if not self.scale_by_keep:
+                parts.append("scale_by_keep=False")
         if self.checkpoint:
             parts.append("checkpoint=True")
         if self.residual_in_fp32:

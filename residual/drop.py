@@ -3,21 +3,25 @@
 Each policy is a small module that ``Residual`` calls in training as
 ``policy(branch, x, shortcut, args, kwargs, checkpoint)``; it decides how (and whether) the
 branch runs and returns the branch's contribution, which ``Residual`` then merges. All rescale
-by ``1 / (1 - p)`` in training, so that eval (no drop) is the identity on the expected value:
+by ``1 / (1 - p)`` in training, so that eval (no drop) is the identity on the expected value
+(``scale_by_keep=False``, as timm's, leaves the kept outputs unscaled). ``p = 1`` drops the
+branch in every training step (torchvision's ``StochasticDepth(1.0)``): the block trains as
+``merge(S(x), 0)``; eval is unaffected.
 
-- :class:`RowDrop` (``drop_mode="row"``): a per-sample mask on the branch output (timm /
-  torchvision ``DropPath``); the branch runs for every sample.
+- :class:`RowDrop` (``drop_mode="row"``): a per-sample mask on the branch output (timm's
+  ``DropPath``, torchvision's ``StochasticDepth(mode="row")``); the branch runs for every sample,
+  also at ``p = 1`` (all-zero mask), so tuple outputs pass through as at any rate.
 - :class:`BatchDrop` (``"batch"``): the branch is dropped for the whole mini-batch (Huang et al.
-  2016) and its forward and backward are skipped. Draws come from a counter-based hash of a
-  ``seed`` and a ``step`` buffer (in the state_dict): reproducible from ``torch.manual_seed``
-  (which draws the seed), the same eager and compiled, continued by a resumed checkpoint, and the
-  same on every rank that holds the same buffers (DDP broadcasts them; see
-  :func:`residual.distributed.check_drop_agreement`).
+  2016) and its forward and backward are skipped (at ``p = 1``: never run). Draws come from a
+  counter-based hash of a ``seed`` and a ``step`` buffer (in the state_dict): reproducible from
+  ``torch.manual_seed`` (which draws the seed), the same eager and compiled, continued by a
+  resumed checkpoint, and the same on every rank that holds the same buffers (DDP broadcasts
+  them; see :func:`residual.distributed.check_drop_agreement`).
 - :class:`SubsetDrop` (``"subset"``): the branch runs on a random ``(1 - p)`` share of the
-  samples, scattered back with rescaling (DINOv2); compute falls with ``p``.
+  samples, scattered back with rescaling (DINOv2); compute falls with ``p`` (none at ``p = 1``).
 
-Rates live in buffers: changing a rate between non-zero values recompiles nothing ("subset"
-excepted: its sample count is a shape).
+Rates live in buffers: changing a rate between non-zero values, 1 included, recompiles nothing
+("subset" excepted: its sample count is a shape).
 
 >>> rates = linear_drop_rates(0.5, 4)
 >>> [round(r, 3) for r in rates]
@@ -56,22 +60,47 @@ Kwargs = dict[str, Any]
 
 def check_drop_rate(caller: str, p: object, *, allow_one: bool = False) -> float:
     """Return ``p`` as a float if it is a rate in [0, 1) ([0, 1] with ``allow_one``)."""
+    interval = "[0, 1]" if allow_one else "[0, 1)"
     if isinstance(p, bool) or not isinstance(p, int | float):
-        raise TypeError(f"{caller}: drop_path must be a float in [0, 1), got {type(p).__name__}")
+        raise TypeError(
+            f"{caller}: drop_path must be a float in {interval}, got {type(p).__name__}"
+        )
     top_ok = float(p) <= 1.0 if allow_one else float(p) < 1.0
     if not (float(p) >= 0.0 and top_ok):
+        one = (
+            "1 drops the branch in every training step"
+            if allow_one
+            else "1 would drop the branch for good (remove the block instead)"
+        )
         raise ResidualError(
-            f"{caller}: drop_path must be in [0, 1), got {p}; 0 disables stochastic depth "
-            "and 1 would drop the branch for good (remove the block instead)"
+            f"{caller}: drop_path must be in {interval}, got {p}; 0 disables stochastic depth "
+            f"and {one}"
         )
     return float(p)
 
 
-def _row_mask(x: Tensor, keep: Tensor) -> Tensor:
-    """A (N, 1, ..., 1) mask of 0 and ``1 / keep``, one Bernoulli draw per sample."""
+def _safe_divisor(keep: Tensor) -> Tensor:
+    """``keep`` with 0 (``p = 1``) raised to the dtype's tiny: a dropped 0 stays 0, never 0 / 0.
+
+    Any other keep of a rate in float32 is at least ~6e-8, far above tiny: unchanged.
+    """
+    return keep.clamp_min(torch.finfo(keep.dtype).tiny)
+
+
+def _row_mask(x: Tensor, keep: Tensor | float, scale_by_keep: bool = True) -> Tensor:
+    """A (N, 1, ..., 1) mask of 0 and ``1 / keep`` (1 unscaled), one Bernoulli draw per sample.
+
+    With a float ``keep`` these are timm's and torchvision's ops, in their order: the same
+    masks as theirs after the same ``torch.manual_seed`` (``bernoulli_`` with a tensor
+    probability, what a compiled graph needs, draws another stream).
+    """
     shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-    mask = torch.empty(shape, dtype=x.dtype, device=x.device)
-    return mask.bernoulli_(keep).div_(keep)
+    mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(keep)
+    if not scale_by_keep:
+        return mask
+    if isinstance(keep, Tensor):
+        return mask.div_(_safe_divisor(keep))
+    return mask.div_(keep) if keep > 0.0 else mask
 
 
 def drop_path(
@@ -80,8 +109,9 @@ def drop_path(
     """Drop whole samples of ``x`` with probability ``p`` and rescale the rest ("row" mode).
 
     The functional twin of ``Residual(fn, drop_path=p)`` for users who write their own add,
-    with timm's arguments: ``p = 1`` drops every sample; ``scale_by_keep=False`` leaves the
-    kept samples unscaled.
+    with timm's arguments (timm names the rate ``drop_prob`` and defaults to
+    ``training=False``): ``p = 1`` drops every sample; ``scale_by_keep=False`` leaves the kept
+    samples unscaled.
 
     >>> import torch
     >>> drop_path(torch.ones(2, 3), 0.5, training=False)
@@ -91,32 +121,32 @@ def drop_path(
     if not training:
         return x
     if isinstance(p, Tensor):
-        keep = (1.0 - p).to(device=x.device, dtype=x.dtype)
+        keep: Tensor | float = (1.0 - p).to(device=x.device, dtype=x.dtype)
     else:
         rate = check_drop_rate("drop_path", p, allow_one=True)
         if rate == 0.0:
             return x
-        if rate == 1.0:
-            return x * 0.0
-        keep = torch.tensor(1.0 - rate, dtype=x.dtype, device=x.device)
-    mask = _row_mask(x, keep)
-    return x * (mask if scale_by_keep else mask * keep)
+        keep = 1.0 - rate
+    return x * _row_mask(x, keep, scale_by_keep)
 
 
 class _Policy(nn.Module):
-    """What the three policies share: a rate, in a buffer, and a readable repr."""
+    """What the three policies share: a rate, in a buffer, ``scale_by_keep`` and a repr."""
 
     keep: Tensor
 
-    def __init__(self, p: float) -> None:
+    def __init__(self, p: float, scale_by_keep: bool = True) -> None:
         super().__init__()
-        self.p = check_drop_rate(type(self).__name__, p)
+        self.p = check_drop_rate(type(self).__name__, p, allow_one=True)
+        self.scale_by_keep = bool(scale_by_keep)
         self.register_buffer("keep", torch.tensor(1.0 - self.p), persistent=False)
         self.register_load_state_dict_post_hook(_refill_rate)  # after to_empty + load
 
-    def set_rate(self, p: float) -> None:
-        """Change the rate in place (a buffer write: no recompile)."""
-        self.p = check_drop_rate(type(self).__name__, p)
+    def set_rate(self, p: float, scale_by_keep: bool | None = None) -> None:
+        """Change the rate in place (a buffer write: no recompile), and the scaling if given."""
+        self.p = check_drop_rate(type(self).__name__, p, allow_one=True)
+        if scale_by_keep is not None:
+            self.scale_by_keep = bool(scale_by_keep)
         with torch.no_grad():
             self.keep.fill_(1.0 - self.p)
 
@@ -129,7 +159,7 @@ class _Policy(nn.Module):
         self.reset_rate()
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.p}" + ("" if self.scale_by_keep else ", scale_by_keep=False")
 
 
 def _refill_rate(policy: nn.Module, keys: Any) -> None:
@@ -154,7 +184,10 @@ class RowDrop(_Policy):
     ) -> Any:
         out = call_branch(branch, x, args, kwargs, ckpt)
         head = _branch.branch_head(out, type(branch).__name__)
-        return _branch.replace_head(out, head * _row_mask(head, self.keep))
+        # Eager draws as timm / torchvision (a float rate); compiled reads the rate buffer, so a
+        # new rate recompiles nothing.
+        keep = self.keep if torch.compiler.is_compiling() else 1.0 - self.p
+        return _branch.replace_head(out, head * _row_mask(head, keep, self.scale_by_keep))
 
 
 def _mix32(x: Tensor) -> Tensor:
@@ -199,8 +232,8 @@ class BatchDrop(_Policy):
     seed: Tensor
     step: Tensor
 
-    def __init__(self, p: float) -> None:
-        super().__init__(p)
+    def __init__(self, p: float, scale_by_keep: bool = True) -> None:
+        super().__init__(p, scale_by_keep)
         self.register_buffer("seed", torch.zeros((), dtype=torch.int64))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self._draw_seed()
@@ -226,24 +259,24 @@ class BatchDrop(_Policy):
         keep = _uniform(self.seed, self.step) < self.keep  # the rate as a buffer: no recompile
         with torch.no_grad():
             self.step.add_(1)
-        scale = self.keep
+        scale = _safe_divisor(self.keep) if self.scale_by_keep else None
 
         def ran(x: Tensor, s: Tensor) -> Tensor:
-            return (
-                _tensor_output(call_branch(branch, x, args, kwargs, ckpt), "batch", branch) / scale
-            )
+            out = _tensor_output(call_branch(branch, x, args, kwargs, ckpt), "batch", branch)
+            return out if scale is None else out / scale
 
         def skipped(x: Tensor, s: Tensor) -> Tensor:
             return torch.zeros_like(s)
 
         if torch.compiler.is_compiling():
             if any(True for _ in branch.buffers()):
-                # torch.cond forbids a norm's buffer updates: run, then mask.
-                return ran(x, shortcut) * keep.to(device=x.device, dtype=x.dtype)
+                # torch.cond forbids a norm's buffer updates: run, then select (not multiply:
+                # at p = 1 the scaled output may be inf, and inf * 0 is nan).
+                return torch.where(keep.to(x.device), ran(x, shortcut), 0.0)
             return torch.cond(keep.to(x.device), ran, skipped, (x, shortcut))
         if bool(keep):
             return ran(x, shortcut)
-        return skipped(x, shortcut) + _zero_tie(branch, shortcut)
+        return _no_branch(branch, shortcut)
 
 
 def _tensor_output(out: Any, policy: str, branch: nn.Module) -> Tensor:
@@ -256,20 +289,26 @@ def _tensor_output(out: Any, policy: str, branch: nn.Module) -> Tensor:
     return out
 
 
-def _zero_tie(branch: nn.Module, like: Tensor) -> Tensor | float:
-    """0, computed from one element of each trainable parameter: they get zero gradients."""
+def _no_branch(branch: nn.Module, like: Tensor) -> Tensor:
+    """A dropped branch's zeros, tied to one element of each trainable parameter.
+
+    The tie gives every parameter a zero gradient, so DDP sees them used (no
+    ``find_unused_parameters``) and an optimizer step is the same as with a gradient of zeros.
+    """
+    zeros = torch.zeros_like(like)
     params = [p for p in branch.parameters() if p.requires_grad]
     if not params:
-        return 0.0
-    return torch.stack([p.reshape(-1)[0].to(like.dtype) for p in params]).sum() * 0.0
+        return zeros
+    return zeros + torch.stack([p.reshape(-1)[0].to(like.dtype) for p in params]).sum() * 0.0
 
 
 class SubsetDrop(_Policy):
     """DINOv2's sample subset: the branch runs on ``max(1, int(N (1 - p)))`` random samples.
 
     Their outputs, scaled by ``N / k``, go back to their rows; the other rows get a zero branch.
-    Compute falls with ``p``; every parameter still gets a gradient. Branches with extra
-    arguments or tuple outputs need ``"row"`` or ``"batch"``.
+    Compute falls with ``p``; every parameter still gets a gradient. At ``p = 1`` the branch
+    does not run (zero gradients). Branches with extra arguments or tuple outputs need
+    ``"row"`` or ``"batch"``.
 
     >>> import torch
     >>> from torch import nn
@@ -287,6 +326,8 @@ class SubsetDrop(_Policy):
                 "cannot know which extra arguments are per-sample; use drop_mode='row' or "
                 "'batch' for branches that take extra arguments"
             )
+        if self.p == 1.0:  # a Python rate: the sample count below is one already
+            return _no_branch(branch, shortcut)
         n = x.shape[0]
         k = max(1, int(n * (1.0 - self.p)))
         # Drawn on the CPU and sorted for a sequential gather; index_select / index_copy, whose
@@ -295,7 +336,7 @@ class SubsetDrop(_Policy):
         out = call_branch(branch, x.index_select(0, idx), (), {}, ckpt)
         out = _tensor_output(out, "subset", branch)
         full = out.new_zeros((n, *out.shape[1:]))
-        return full.index_copy(0, idx, out * (n / k))
+        return full.index_copy(0, idx, out * (n / k) if self.scale_by_keep else out)
 
 
 def optional_drop_state(module: nn.Module, keys: Any) -> None:
@@ -319,18 +360,20 @@ def optional_drop_state(module: nn.Module, keys: Any) -> None:
 _POLICIES: dict[str, type[_Policy]] = {"row": RowDrop, "batch": BatchDrop, "subset": SubsetDrop}
 
 
-def make_drop_policy(p: float, drop_mode: str) -> nn.Module | None:
-    """The policy module for a rate and a mode; None when ``p == 0`` (nothing to drop).
+def make_drop_policy(p: float, drop_mode: str, scale_by_keep: bool = True) -> nn.Module | None:
+    """The policy module for a rate in [0, 1] and a mode; None when ``p == 0`` (nothing to drop).
 
     >>> make_drop_policy(0.1, "subset")
     SubsetDrop(p=0.1)
+    >>> make_drop_policy(1.0, "row", scale_by_keep=False)
+    RowDrop(p=1.0, scale_by_keep=False)
     """
     if drop_mode not in _POLICIES:
         raise ResidualError(
             f"unknown drop_mode {drop_mode!r}; valid modes are {', '.join(DROP_MODES)}"
         )
-    rate = check_drop_rate("drop_path", p)
-    return _POLICIES[drop_mode](rate) if rate > 0 else None
+    rate = check_drop_rate("drop_path", p, allow_one=True)
+    return _POLICIES[drop_mode](rate, scale_by_keep) if rate > 0 else None
 
 
 def linear_drop_rates(drop_path: float, num_blocks: int) -> list[float]:

@@ -62,6 +62,11 @@ DEFAULT_NORM = _DefaultNorm()
 
 
 def _check_spatial_dims(caller: str, spatial_dims: int) -> int:
+    if isinstance(spatial_dims, bool) or not isinstance(spatial_dims, int):
+        raise TypeError(
+            f"{caller}: spatial_dims must be an int (1, 2 or 3), got "
+            f"{type(spatial_dims).__name__} {spatial_dims!r}"
+        )
     if spatial_dims not in _CONVS:
         raise ResidualError(f"{caller}: spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
     return spatial_dims

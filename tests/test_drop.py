@@ -250,3 +250,204 @@ def test_ddp_style_anchor_gives_every_parameter_a_gradient(tmp_path) -> None:
             pytest.fail("no step dropped the branch")
     finally:
         dist.destroy_process_group()
+
+
+# p = 1 (torchvision's StochasticDepth(1.0)), scale_by_keep (timm's DropPath), reproducibility.
+
+
+class Exploding(nn.Module):
+    """A branch whose output is inf: a dropped branch that runs would turn the block into nan."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.calls = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return x * self.scale / 0.0
+
+
+@pytest.mark.parametrize("mode", ["row", "batch", "subset"])
+def test_rate_one_trains_the_block_as_its_shortcut(mode: str) -> None:
+    fn = Counting()
+    block = Residual(fn, drop_path=1.0, drop_mode=mode, post=nn.Tanh())
+    x = torch.randn(8, 4, requires_grad=True)
+    for _ in range(5):
+        y = block(x)
+        torch.testing.assert_close(y, torch.tanh(x), atol=0, rtol=0)
+    y.sum().backward()
+    assert torch.all(fn.lin.weight.grad == 0) and torch.all(fn.lin.bias.grad == 0)
+    torch.testing.assert_close(x.grad, 1 - torch.tanh(x) ** 2)
+    # the modes that skip compute never run the branch; row mode masks its output (all zero)
+    assert fn.calls == ([8] * 5 if mode == "row" else [])
+    block.eval()
+    torch.testing.assert_close(block(x), torch.tanh(x + fn.lin(x)), atol=0, rtol=0)
+    assert repr(block.drop) == f"{type(block.drop).__name__}(p=1.0)"
+
+
+@pytest.mark.parametrize("mode", ["batch", "subset"])
+def test_rate_one_never_runs_the_branch(mode: str) -> None:
+    fn = Exploding()
+    block = Residual(fn, drop_path=1.0, drop_mode=mode)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(block(x), x, atol=0, rtol=0)
+    assert fn.calls == 0
+
+
+def test_rate_one_merges_with_zero() -> None:
+    """The block is merge(S(x), 0): a gate still weighs the shortcut (HighwayGate: (1 - T) S)."""
+    from residual import HighwayGate
+
+    torch.manual_seed(0)
+    gate = HighwayGate(4)
+    block = Residual(nn.Linear(4, 4), drop_path=1.0, drop_mode="batch", merge=gate)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(block(x), gate(x, torch.zeros_like(x)), atol=0, rtol=0)
+
+
+def test_rate_one_row_mode_keeps_tuples() -> None:
+    lstm = nn.LSTM(4, 4, batch_first=True)
+    x = torch.randn(2, 3, 4)
+    y, (h, _) = Residual(lstm, drop_path=1.0)(x)
+    torch.testing.assert_close(y, x, atol=0, rtol=0)
+    assert h.shape == (1, 2, 4)
+
+
+@pytest.mark.parametrize("mode", ["row", "batch"])
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "batchnorm"])
+def test_compiled_rate_one_is_exact_and_rates_do_not_recompile(mode: str, norm: bool) -> None:
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    layers = [nn.Linear(8, 8)] + ([nn.BatchNorm1d(8)] if norm else [])
+    block = Residual(nn.Sequential(*layers), drop_path=0.5, drop_mode=mode)
+    compiled = torch.compile(block, fullgraph=True, backend=counter)
+    x = torch.randn(16, 8, requires_grad=True)
+    compiled(x)
+    for rate in (1.0, 0.3, 1.0):
+        block.set_drop_path(rate)
+        y = compiled(x)
+        if rate == 1.0:
+            torch.testing.assert_close(y, x, atol=0, rtol=0)  # no nan from 0 / 0 or inf * 0
+            y.sum().backward()
+            assert all(torch.all(p.grad == 0) for p in block.fn.parameters())
+            block.zero_grad(set_to_none=True)
+    assert counter.frame_count == 1
+
+
+def test_functional_rate_one_as_a_tensor_gives_zeros() -> None:
+    from residual import drop_path
+
+    x = torch.randn(4, 3)
+    out = drop_path(x, torch.tensor(1.0))
+    assert torch.equal(out, torch.zeros_like(x))
+    assert torch.equal(drop_path(x, 1.0, scale_by_keep=False), torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("mode", ["row", "batch", "subset"])
+def test_scale_by_keep_false_leaves_kept_outputs_unscaled(mode: str) -> None:
+    torch.manual_seed(0)
+    fn = nn.Linear(4, 4)
+    block = Residual(fn, drop_path=0.5, drop_mode=mode, scale_by_keep=False)
+    assert "scale_by_keep=False" in repr(block) and "scale_by_keep=False" in repr(block.drop)
+    x = torch.randn(64, 4)
+    outcomes = set()
+    for _ in range(8):
+        y = block(x)
+        kept = torch.isclose(y, x + fn(x), atol=1e-6).all(dim=1)
+        dropped = torch.isclose(y, x, atol=0).all(dim=1)
+        assert torch.all(kept | dropped)
+        outcomes.update(kept.tolist())
+    assert outcomes == {True, False}
+    block.eval()
+    torch.testing.assert_close(block(x), x + fn(x), atol=0, rtol=0)
+
+
+def test_set_drop_path_changes_scaling_in_place() -> None:
+    torch.manual_seed(0)
+    block = Residual(nn.Linear(4, 4), drop_path=0.5, drop_mode="batch")
+    policy, seed = block.drop, block.drop.seed.clone()
+    block.set_drop_path(0.3, scale_by_keep=False)
+    assert block.drop is policy and torch.equal(block.drop.seed, seed)  # draw state kept
+    assert (
+        block.scale_by_keep is False and repr(block.drop) == "BatchDrop(p=0.3, scale_by_keep=False)"
+    )
+    block.set_drop_path(0.0)
+    block.set_drop_path(0.2)  # a new policy keeps the block's scaling
+    assert block.drop.scale_by_keep is False
+    block.set_drop_path(0.2, scale_by_keep=True)
+    assert "scale_by_keep" not in repr(block)
+
+
+@pytest.mark.parametrize("mode", ["row", "batch", "subset"])
+def test_manual_seed_reproduces_training_eager(mode: str) -> None:
+    def run() -> list[Tensor]:
+        torch.manual_seed(7)
+        block = Residual(nn.Linear(4, 4), drop_path=0.5, drop_mode=mode)
+        x = torch.randn(6, 4)
+        return [block(x) for _ in range(6)]
+
+    first, second = run(), run()
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert any(not torch.equal(first[0], o) for o in first[1:])
+
+
+@pytest.mark.parametrize("mode", ["row", "batch"])
+def test_manual_seed_reproduces_training_compiled(mode: str) -> None:
+    """Compiled runs repeat under one seed; batch mode also draws the same as eager."""
+
+    # inductor has RNG of its own (row mode's masks); the batch draws are a hash, the same on
+    # every backend, and inductor's torch.cond compiles slowly: aot_eager keeps the test short.
+    backend = "inductor" if mode == "row" else "aot_eager"
+
+    def run(compiled: bool) -> list[Tensor]:
+        torch.manual_seed(3)
+        block = Residual(nn.Linear(4, 4), drop_path=0.5, drop_mode=mode)
+        step = torch.compile(block, fullgraph=True, backend=backend) if compiled else block
+        x = torch.randn(6, 4)
+        with torch.no_grad():
+            return [step(x) for _ in range(8)]
+
+    torch._dynamo.reset()
+    first, second = run(True), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert any(not torch.equal(first[0], o) for o in first[1:])
+    if mode == "batch":
+        eager = run(False)
+        assert all(torch.allclose(a, b) for a, b in zip(first, eager, strict=True))
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.8])
+def test_batch_draws_pass_a_binomial_test_as_often_as_chance_allows(p: float) -> None:
+    """torchvision's statistical test (250 draws, p-value > 0.01) over many seeds: ~1% fail."""
+    stats = pytest.importorskip("scipy.stats")
+    from residual.drop import _uniform
+
+    steps = torch.arange(250)
+    fails = 0
+    for seed in range(300):
+        dropped = int((_uniform(torch.tensor(seed * 7919 + 12345), steps) >= 1 - p).sum())
+        fails += stats.binomtest(dropped, 250, p=p).pvalue <= 0.01
+    assert fails <= 9  # 3%: the chance of more under a fair stream is about 0.1%
+
+
+def test_eager_row_masks_are_the_peers_masks_bit_for_bit() -> None:
+    """After the same manual_seed: torchvision's row-mode ops (timm's are the same) vs ours."""
+
+    def peers(x: Tensor, p: float) -> Tensor:  # torchvision.ops.stochastic_depth, mode="row"
+        survival_rate = 1.0 - p
+        noise = torch.empty([x.shape[0]] + [1] * (x.ndim - 1), dtype=x.dtype)
+        noise = noise.bernoulli_(survival_rate)
+        if survival_rate > 0.0:
+            noise.div_(survival_rate)
+        return x * noise
+
+    from residual import drop_path
+
+    x = torch.randn(64, 3, 2)
+    block = Residual(nn.Identity(), drop_path=0.3)
+    for ours in (lambda: drop_path(x, 0.3), lambda: block(x) - x):
+        torch.manual_seed(11)
+        expected = peers(x, 0.3)
+        torch.manual_seed(11)
+        torch.testing.assert_close(ours(), expected, atol=1e-6, rtol=0)

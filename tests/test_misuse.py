@@ -219,18 +219,25 @@ CATALOGUE: list[Misuse] = [
         "channel-first only; use 'projection'",
     ),
     Misuse(
-        "rate-one",
-        "a drop rate of 1",
-        lambda: Residual(nn.Linear(4, 4), drop_path=1.0),
+        "rate-above-one",
+        "a drop rate above 1",
+        lambda: Residual(nn.Linear(4, 4), drop_path=1.5),
         ResidualError,
-        r"drop_path must be in \[0, 1\), got 1.0",
+        r"drop_path must be in \[0, 1\], got 1.5; 0 disables stochastic depth and 1 drops",
     ),
     Misuse(
         "rate-negative",
         "a negative drop rate",
         lambda: Residual(nn.Linear(4, 4), drop_path=-0.1),
         ResidualError,
-        r"must be in \[0, 1\)",
+        r"must be in \[0, 1\]",
+    ),
+    Misuse(
+        "scale-by-keep-string",
+        "scale_by_keep given as a string",
+        lambda: Residual(nn.Linear(4, 4), drop_path=0.1, scale_by_keep="False"),  # type: ignore[arg-type]
+        TypeError,
+        "scale_by_keep must be True or False, got 'False'",
     ),
     Misuse(
         "rate-string",

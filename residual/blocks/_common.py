@@ -25,15 +25,20 @@ def conv_shortcut(
     in_channels: int,
     out_channels: int,
     stride: int,
+    spatial_dims: int,
     norm_layer: ModuleFactory | None,
 ) -> nn.Module:
-    """Resolve a conv block's shortcut; None picks identity or a conv1x1 + norm projection."""
+    """Resolve a conv block's shortcut; None picks identity or a conv1x1 + norm projection.
+
+    ``spatial_dims`` picks the projection's conv; ``norm_layer`` None means no norm after it.
+    """
     return resolve_shortcut(
         "auto" if shortcut is None else shortcut,
         in_channels=in_channels,
         out_channels=out_channels,
         stride=stride,
         layout="channels_first",
+        spatial_dims=spatial_dims,
         norm_layer=norm_layer,
     )
 
