@@ -49,8 +49,12 @@ def shape_checks() -> contextlib.AbstractContextManager[None]:
 _NOT_TRACING = contextlib.nullcontext()  # reusable: eager pays no allocation per check
 
 
-def check_main_input(x: Any) -> None:
-    """Raise unless ``x`` is a floating point (or complex) tensor: the residual stream."""
+def check_main_input(x: Any) -> Tensor:
+    """Return ``x``; raise unless it is a floating point (or complex) tensor: the residual stream.
+
+    Checks return their input so that, as FX nodes, they carry the tensor on (a node picked as a
+    feature-extraction output holds a tensor, not None).
+    """
     if not isinstance(x, Tensor):
         raise TypeError(
             f"Residual: the first argument must be the main tensor, got {type(x).__name__}; "
@@ -61,6 +65,7 @@ def check_main_input(x: Any) -> None:
             f"Residual: the main tensor must be floating point, got {x.dtype}; convert it "
             "(x.float()) or embed token ids first (nn.Embedding) and wrap what follows"
         )
+    return x
 
 
 def check_no_extra_args(args: Any, kwargs: Any) -> None:
@@ -107,8 +112,8 @@ def promote_fp32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def check_same_shape(branch: Tensor, shortcut: Tensor, shortcut_name: str, layout: str) -> None:
-    """Raise a ResidualError naming both shapes unless the branch and shortcut shapes match."""
+def check_same_shape(branch: Tensor, shortcut: Tensor, shortcut_name: str, layout: str) -> Tensor:
+    """Return ``branch``; raise a ResidualError naming both shapes unless the shapes match."""
     if _is_tracing():  # the per-block hot path stays free of a context manager
         with _no_tracer_warnings():
             same = branch.shape == shortcut.shape
@@ -119,6 +124,7 @@ def check_same_shape(branch: Tensor, shortcut: Tensor, shortcut_name: str, layou
             f"Residual: branch output {tuple(branch.shape)} does not match shortcut output "
             f"{tuple(shortcut.shape)} ({shortcut_name}); {mismatch_hint(branch, shortcut, layout)}"
         )
+    return branch
 
 
 def _stride_between(size_in: list[int], size_out: list[int]) -> int | None:

@@ -173,7 +173,7 @@ class Residual(nn.Module):
 
     # Parts come from self._modules: nn.Module.__getattr__ costs ~0.7 us a lookup.
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        _branch.check_main_input(x)
+        x = _branch.check_main_input(x)
         if type(args) is not tuple:  # torch.fx.symbolic_trace(block): *args is one Proxy
             _branch.check_no_extra_args(args, kwargs)
             args, kwargs = (), {}
@@ -190,7 +190,7 @@ class Residual(nn.Module):
             out = call_branch(fn, x, args, kwargs, ckpt)  # type: ignore[arg-type]
         y = _branch.branch_head(out, type(fn).__name__)
         if s is not None:  # NoShortcut: a plain layer, for ablations
-            _branch.check_same_shape(y, s, type(shortcut).__name__, self._hint_layout)
+            y = _branch.check_same_shape(y, s, type(shortcut).__name__, self._hint_layout)
             if self.residual_in_fp32:
                 s, y = _branch.promote_fp32(s), _branch.promote_fp32(y)
             merge = parts.get("merge")

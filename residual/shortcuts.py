@@ -86,7 +86,8 @@ def _subsample(x: Tensor, stride: int, layout: Layout) -> Tensor:
     return x[(slice(None),) + (every,) * (x.dim() - 2) + (slice(None),)]
 
 
-def _check_channels(caller: str, x: Tensor, expected: int, layout: Layout) -> None:
+def _check_channels(caller: str, x: Tensor, expected: int, layout: Layout) -> Tensor:
+    """Return ``x``; raise unless it has ``expected`` channels (an FX leaf)."""
     dim = 1 if layout == "channels_first" else -1
     with _branch.shape_checks():
         fits = bool(x.dim() >= 2 and x.shape[dim] == expected)
@@ -96,6 +97,7 @@ def _check_channels(caller: str, x: Tensor, expected: int, layout: Layout) -> No
             f"{caller}: expected {expected} channels at {where}, got input of shape "
             f"{tuple(x.shape)}; check the layout or the in_channels the shortcut was built with"
         )
+    return x
 
 
 def _pad_channels_first(x: Tensor, sub: Tensor, before: int, after: int) -> Tensor:
@@ -189,7 +191,7 @@ class ProjectionShortcut(nn.Module):
         self.norm = norm_layer(out_channels) if norm_layer is not None else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_channels(type(self).__name__, x, self.in_channels, self.layout)
+        x = _check_channels(type(self).__name__, x, self.in_channels, self.layout)
         if self.layout == "channels_first":
             return self.norm(self.conv(x))
         return self.norm(self.linear(_subsample(x, self.stride, "channels_last")))
@@ -252,7 +254,7 @@ class ZeroPadShortcut(nn.Module):
         self._after = extra - self._before
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_channels(type(self).__name__, x, self.in_channels, self.layout)
+        x = _check_channels(type(self).__name__, x, self.in_channels, self.layout)
         sub = _subsample(x, self.stride, self.layout)
         if self._before == 0 and self._after == 0:
             return sub
@@ -306,7 +308,7 @@ class PooledProjectionShortcut(nn.Module):
         self.norm = norm_layer(out_channels) if norm_layer is not None else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_channels(type(self).__name__, x, self.in_channels, "channels_first")
+        x = _check_channels(type(self).__name__, x, self.in_channels, "channels_first")
         return self.norm(self.conv(self.pool(x)))
 
     def extra_repr(self) -> str:

@@ -54,10 +54,10 @@ def _conv1x1(spatial_dims: int, in_channels: int, out_channels: int) -> nn.Modul
     return _CONVS[spatial_dims](in_channels, out_channels, 1, bias=False)
 
 
-def _check_rank(caller: str, x: Tensor, spatial_dims: int) -> None:
-    """Raise unless ``x`` is a batch of the block's dimensionality (an FX leaf, see the end)."""
+def _check_rank(caller: str, x: Tensor, spatial_dims: int) -> Tensor:
+    """Return ``x``; raise unless it is a batch of the block's dimensionality (an FX leaf)."""
     if not isinstance(x, Tensor):
-        return  # Residual's own check names that mistake
+        return x  # Residual's own check names that mistake
     with _branch.shape_checks():
         fits = x.dim() == spatial_dims + 2
     if not fits:
@@ -73,6 +73,7 @@ def _check_rank(caller: str, x: Tensor, spatial_dims: int) -> None:
             f"{caller}(spatial_dims={spatial_dims}) expects {_INPUT_SHAPES[spatial_dims]} input, "
             f"got shape {tuple(x.shape)}; {fix}"
         )
+    return x
 
 
 class _ConvBlock(Residual):
@@ -83,7 +84,7 @@ class _ConvBlock(Residual):
     # One tensor in, one out (no masks or states): the narrower signature keeps
     # torch.fx.symbolic_trace(block) from meeting a *args Proxy.
     def forward(self, x: Tensor) -> Tensor:
-        _check_rank(type(self).__name__, x, self.spatial_dims)
+        x = _check_rank(type(self).__name__, x, self.spatial_dims)
         out: Tensor = super().forward(x)
         return out
 

@@ -68,8 +68,8 @@ def make_stages(
     return stages, channels
 
 
-def check_images(caller: str, x: Tensor, channels: int) -> None:
-    """Raise unless ``x`` is a batch of images (N, channels, H, W).
+def check_images(caller: str, x: Tensor, channels: int) -> Tensor:
+    """Return ``x``; raise unless it is a batch of images (N, channels, H, W).
 
     An FX leaf (call it as ``_stages.check_images``): a symbolic trace records the call and the
     check runs on the real input when the traced graph runs.
@@ -81,6 +81,7 @@ def check_images(caller: str, x: Tensor, channels: int) -> None:
             f"{caller}: expected images of shape (N, {channels}, H, W), got {tuple(x.shape)}"
             + ("; add a batch dim with x.unsqueeze(0)" if x.dim() == 3 else "")
         )
+    return x
 
 
 torch.fx.wrap("check_images")

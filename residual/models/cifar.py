@@ -58,7 +58,7 @@ class CifarResNet(nn.Module):
         self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        _stages.check_images("CifarResNet", x, self.conv1.in_channels)
+        x = _stages.check_images("CifarResNet", x, self.conv1.in_channels)
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         x = self.relu_final(self.bn_final(x))

@@ -204,7 +204,7 @@ class ResNet(nn.Module):
         >>> resnet18().forward_features(torch.randn(1, 3, 64, 64)).shape
         torch.Size([1, 512, 2, 2])
         """
-        _stages.check_images("ResNet", x, self.conv1.in_channels)
+        x = _stages.check_images("ResNet", x, self.conv1.in_channels)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
@@ -264,7 +264,7 @@ class ResNet(nn.Module):
                 f"ResNet.forward_intermediates: output_fmt must be 'NCHW', got {output_fmt!r}"
             )
         take = _take_indices(len(self.feature_info), indices)
-        _stages.check_images("ResNet", x, self.conv1.in_channels)
+        x = _stages.check_images("ResNet", x, self.conv1.in_channels)
         x = self.relu(self.bn1(self.conv1(x)))
         features = [x] if 0 in take else []
         x = self.maxpool(x)

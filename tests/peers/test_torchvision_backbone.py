@@ -20,15 +20,6 @@ Deliberate differences (each test below is marked with the reason):
   string under postponed annotations), and past it at our input checks, which the graph calls
   as Python functions (a context manager inside). TorchScript is deprecated in torch 2.13; see
   tests/peers/test_torchvision_resnet.py.
-* ``CHECK_NODES``: ``test_forward_backward`` asks for 10 random node outputs and sums them. Our
-  graphs also hold our input checks (``check_images``, ``<block>.check_main_input``,
-  ``<block>.check_same_shape``, ``<block>.shortcut._check_channels``): recorded as calls so that
-  a traced graph rejects what eager rejects (tests/test_fx.py), they return None, and the
-  random pick includes some (torchvision's filter drops only names such as ``getitem``/``size``).
-  With torchvision's seed the resnet18 pick holds three (``layer2.1.check_same_shape``,
-  ``layer3.0.check_main_input``, ``layer2.0.check_same_shape``) and fails on ``None.float()``;
-  the resnet50 pick holds none and passes. (The pick depends on the node list: a change to
-  the nodes a block records can move a check node into or out of it.)
 * ``CALL_ORDER``: ``test_feature_extraction_methods_equivalence`` compares the parameter
   *order* of the extracted module with the model's. A traced module lists its submodules in
   call order, and our ``Residual`` calls the shortcut before the branch, so in each downsampling
@@ -62,10 +53,6 @@ from residual.models import resnet18, resnet50
 SCRIPT = (
     "torch.jit.script cannot compile our traced graphs (they call our Python input checks and "
     "keep forward's postponed annotation 'Tensor'); use torch.compile, torch.export or torch.fx"
-)
-CHECK_NODES = (
-    "our input checks are graph nodes that return None (so that traced graphs keep them); "
-    "torchvision's filter keeps them among the random return nodes"
 )
 CALL_ORDER = (
     "a traced module lists parameters in call order; Residual calls the shortcut before the "
@@ -235,11 +222,8 @@ class TestFxFeatureExtraction:
     @pytest.mark.parametrize(
         "model_name",
         [
-            pytest.param(
-                "resnet18",
-                marks=pytest.mark.xfail(strict=True, raises=AttributeError, reason=CHECK_NODES),
-            ),
-            "resnet50",  # the seeded pick happens to hold no check node
+            "resnet18",
+            "resnet50",
         ],
     )
     def test_forward_backward(self, model_name):
