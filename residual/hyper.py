@@ -12,6 +12,11 @@ with ``Am = e_(k mod n)``, ``Ar = I``, ``B = 1`` at init (layer k), and, when ``
 coefficient plus ``s * tanh(norm(H_i) W)`` (W = 0 at init). With ``n = 1`` a hyper-connected
 layer is exactly the plain residual ``x + fn(x)``.
 
+The constrained and fractional variants live in :mod:`residual.streams` and are re-exported
+here: :func:`mhc_residual` (mHC, Xie et al. 2025: ``H_res`` doubly stochastic by Sinkhorn-Knopp,
+on the same stream tensors) and :func:`frac_residual` (frac-connections, Zhu et al. 2025: the
+hidden state split into fractions, no expand/reduce). See docs/hyper.md.
+
 >>> import torch
 >>> from torch import nn
 >>> block = hyper_residual(nn.Linear(8, 8), streams=1, dim=8)
@@ -25,12 +30,42 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from residual import _branch
 from residual._types import Layout, check_layout, check_positive_int
 from residual.core import Residual
 from residual.errors import ResidualError
+from residual.streams import (
+    FracBranch,
+    FracMix,
+    MHCBranch,
+    MHCMix,
+    frac_residual,
+    mhc_residual,
+    sinkhorn,
+)
+from residual.streams._fold import (
+    along_streams,
+    channels_last,
+    check_branch_shape,
+    check_stream_batch,
+    layer_normed_matmul,
+    native,
+    per_stream,
+)
 
-__all__ = ["HyperBranch", "StreamMix", "expand_streams", "hyper_residual", "reduce_streams"]
+__all__ = [
+    "FracBranch",
+    "FracMix",
+    "HyperBranch",
+    "MHCBranch",
+    "MHCMix",
+    "StreamMix",
+    "expand_streams",
+    "frac_residual",
+    "hyper_residual",
+    "mhc_residual",
+    "reduce_streams",
+    "sinkhorn",
+]
 
 
 def expand_streams(x: Tensor, streams: int) -> Tensor:
@@ -52,49 +87,12 @@ def reduce_streams(h: Tensor, streams: int) -> Tensor:
     tensor([4., 4., 4.])
     """
     check_positive_int("reduce_streams", "streams", streams)
-    _check_stream_batch(h, streams, "reduce_streams", "")
+    check_stream_batch(h, streams, "reduce_streams", "")
     return h.unflatten(0, (streams, -1)).sum(0)
 
 
-def _check_stream_batch(h: Tensor, streams: int, caller: str, hint: str) -> None:
-    """Raise unless the batch dim of ``h`` is a multiple of ``streams``. An FX leaf."""
-    with _branch.shape_checks():
-        fits = bool(h.shape[0] % streams == 0)
-    if not fits:
-        raise ResidualError(
-            f"{caller}: batch dim {h.shape[0]} is not a multiple of streams={streams}{hint}"
-        )
-
-
-def _per_stream(h: Tensor, streams: int) -> Tensor:
-    """``(n * N, ...)`` -> ``(n, N, ...)``, a view in the input's own layout."""
-    _check_stream_batch(
-        h, streams, "hyper-connections", "; expand the input with expand_streams(x, streams) first"
-    )
-    return h.unflatten(0, (streams, -1))
-
-
-def _along_streams(p: Tensor, like: Tensor) -> Tensor:
-    """A per-stream parameter as a view that broadcasts against ``like``, ``(n, N, ...)``.
-
-    ``(n,)`` -> ``(n, 1, ..., 1)``; ``(n, n)`` -> ``(n, 1, ..., 1, n)``. An FX leaf: it reads
-    the rank, which a symbolic trace does not know.
-    """
-    return p.view(p.shape[0], *([1] * (like.dim() - p.dim())), *p.shape[1:])
-
-
-def _channels_last(s: Tensor, layout: Layout) -> Tensor:
-    """``(n, N, C, ...)`` -> ``(n, N, ..., C)`` for channel-first streams."""
-    return s.movedim(2, -1) if layout == "channels_first" else s
-
-
-def _native(t: Tensor, layout: Layout) -> Tensor:
-    """The inverse of :func:`_channels_last`."""
-    return t.movedim(-1, 2) if layout == "channels_first" else t
-
-
 class _Dynamic(nn.Module):
-    """``s * tanh(norm(H) W)``: the input-dependent part of a connection (0 at init)."""
+    """``s * tanh(layer_norm(H) W)``: the input-dependent part of a connection (0 at init)."""
 
     def __init__(self, dim: int, outputs: int, scale: float) -> None:
         super().__init__()
@@ -102,8 +100,7 @@ class _Dynamic(nn.Module):
         self.scale = nn.Parameter(torch.tensor(float(scale)))
 
     def forward(self, streams: Tensor) -> Tensor:
-        normed = nn.functional.layer_norm(streams, streams.shape[-1:])
-        return self.scale * torch.tanh(normed @ self.weight)
+        return self.scale * torch.tanh(layer_normed_matmul(streams, self.weight))
 
 
 class StreamMix(nn.Module):
@@ -131,19 +128,15 @@ class StreamMix(nn.Module):
         self.dynamic = _Dynamic(dim, streams, 0.01) if dynamic else None
 
     def forward(self, h: Tensor) -> Tensor:
-        s = _per_stream(h, self.streams)  # (n, N, ...) in the input's layout
-        dynamic = None
-        if self.dynamic is not None:
-            dynamic = self.dynamic(_channels_last(s, self.layout))  # (n, N, ..., n): row i
+        s = per_stream(h, self.streams)  # (n, N, ...) in the input's layout
+        if self.dynamic is None:  # one (n, n) matmul over the flat streams, any layout
+            return (self.mix.t() @ s.reshape(self.streams, -1)).view(h.shape)
+        last = channels_last(s, self.layout)
+        mix = along_streams(self.mix, last) + self.dynamic(last)  # (n, N, ..., n): row i
         if self.streams == 1:  # a scale of the one stream: exactly x when it is 1
-            scale = self.mix[0, 0] if dynamic is None else self.mix[0, 0] + dynamic
-            return h * (scale if dynamic is None else _native(scale, self.layout).flatten(0, 1))
-        last = _channels_last(s, self.layout)
-        mix = _along_streams(self.mix, last)
-        if dynamic is not None:
-            mix = mix + dynamic
+            return h * native(mix, self.layout).flatten(0, 1)
         mixed = torch.einsum("i...j,i...c->j...c", mix, last)
-        return _native(mixed, self.layout).flatten(0, 1)
+        return native(mixed, self.layout).flatten(0, 1)
 
     def extra_repr(self) -> str:
         return f"streams={self.streams}, dim={self.dim}, layout={self.layout!r}"
@@ -188,31 +181,24 @@ class HyperBranch(nn.Module):
         self.depth_dynamic = _Dynamic(dim, 1, 0.01) if dynamic else None
 
     def forward(self, h: Tensor) -> Tensor:
-        s = _per_stream(h, self.streams)  # (n, N, ...) in the input's layout
-        width = _along_streams(self.width, s)
-        depth = _along_streams(self.depth, s)
-        if self.width_dynamic is not None and self.depth_dynamic is not None:
-            last = _channels_last(s, self.layout)
-            width = width + _native(self.width_dynamic(last), self.layout)
-            depth = depth + _native(self.depth_dynamic(last), self.layout)
-        x = (width * s).sum(0)  # (N, ...): the branch's input
+        s = per_stream(h, self.streams)  # (n, N, ...) in the input's layout
+        if self.width_dynamic is None or self.depth_dynamic is None:
+            x = (self.width @ s.reshape(self.streams, -1)).view(s.shape[1:])
+            depth = along_streams(self.depth, s)
+        else:  # both dynamic parts from one pass over the streams
+            last = channels_last(s, self.layout)
+            weight = torch.cat([self.width_dynamic.weight, self.depth_dynamic.weight], 1)
+            dyn = torch.tanh(layer_normed_matmul(last, weight))  # (n, N, ..., 2)
+            width = self.width_dynamic.scale * dyn[..., :1] + along_streams(self.width, last)
+            depth = self.depth_dynamic.scale * dyn[..., 1:] + along_streams(self.depth, last)
+            width, depth = native(width, self.layout), native(depth, self.layout)
+            x = (width * s).sum(0)  # (N, ...): the branch's input
         out = self.fn(x)
-        _check_branch_shape(x, out)
+        check_branch_shape(x, out, "HyperBranch")
         return (depth * out.unsqueeze(0)).flatten(0, 1)
 
     def extra_repr(self) -> str:
         return f"streams={self.streams}, dim={self.dim}, layout={self.layout!r}"
-
-
-def _check_branch_shape(x: Tensor, out: Tensor) -> None:
-    """Raise unless the branch kept the stream's shape. An FX leaf."""
-    with _branch.shape_checks():
-        same = bool(out.shape == x.shape)
-    if not same:
-        raise ResidualError(
-            f"HyperBranch: fn turned {tuple(x.shape)} into {tuple(out.shape)}; "
-            "a hyper-connected branch must keep the stream's shape"
-        )
 
 
 def hyper_residual(
@@ -250,5 +236,5 @@ def hyper_residual(
     return Residual(branch, shortcut=mix, post=post, drop_path=drop_path)
 
 
-for _name in ("_check_stream_batch", "_along_streams", "_check_branch_shape"):
+for _name in ("along_streams", "check_branch_shape", "check_stream_batch"):
     torch.fx.wrap(_name)

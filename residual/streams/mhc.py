@@ -1,0 +1,262 @@
+"""mHC: manifold-constrained hyper-connections (Xie et al. 2025, arXiv 2512.24880).
+
+Hyper-connections whose maps are constrained so that a deep stack of them stays a stack of
+residuals. With the streams ``x = (x_1..x_n)`` of one token (each ``C`` channels)::
+
+    x'    = vec(x) / rms(vec(x))                      (RMSNorm over all n*C values, no gain)
+    H_pre  = sigmoid(a_pre * x' phi_pre + b_pre)           (n,)    non-negative
+    H_post = 2 sigmoid(a_post * x' phi_post + b_post)      (n,)    in (0, 2)
+    H_res  = Sinkhorn(a_res * mat(x' phi_res) + b_res)     (n, n)  doubly stochastic
+    x_i   <- sum_j H_res[i, j] x_j  +  H_post[i] fn(sum_j H_pre[j] x_j)
+
+``dynamic=False`` keeps the biases only (static, per layer). Init: ``b_pre`` the one-hot of
+stream ``layer_index mod n`` (logits), ``b_post = 0`` (``H_post = 1``), ``b_res = I`` (logits),
+``a = 0.01``, ``phi = 0``. The shortcut (:class:`MHCMix`) is ``H_res`` alone, so with the
+branch's contribution zero the sum of the streams is kept (the columns of ``H_res`` sum to 1,
+exactly after each Sinkhorn round) and every stream is a convex combination of the input streams
+up to the rows' convergence.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from residual._types import Layout, check_layout, check_positive_int
+from residual.core import Residual
+from residual.errors import ResidualError
+from residual.streams._fold import (
+    along_streams,
+    channels_last,
+    check_branch_shape,
+    native,
+    per_stream,
+)
+
+__all__ = ["MHCBranch", "MHCMix", "mhc_residual", "sinkhorn"]
+
+
+def sinkhorn(logits: Tensor, iters: int = 20) -> Tensor:
+    """Sinkhorn-Knopp over the last two dims: ``exp(logits)``, then rows and columns scaled to
+    sum 1, in turn, ``iters`` times (rows first, columns last).
+
+    The result is non-negative; its columns sum to 1 (to rounding) and its rows to within the
+    convergence after ``iters`` rounds. Differentiable: backward runs through every round.
+
+    Raises:
+        ResidualError: ``logits`` is not a (batch of) square matrix, or ``iters < 1``.
+
+    >>> import torch
+    >>> m = sinkhorn(torch.randn(4, 4))
+    >>> bool(torch.allclose(m.sum(0), torch.ones(4))), bool(torch.allclose(m.sum(1), torch.ones(4)))
+    (True, True)
+    """
+    check_positive_int("sinkhorn", "iters", iters)
+    if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
+        raise ResidualError(
+            f"sinkhorn: expected (..., n, n) logits, got shape {tuple(logits.shape)}"
+        )
+    return _sinkhorn(logits, iters)
+
+
+def _sinkhorn(logits: Tensor, iters: int) -> Tensor:
+    # A row's constant shift cancels in the first row scaling: taking the max out keeps exp finite.
+    m = torch.exp(logits - logits.amax(-1, keepdim=True).detach())
+    for _ in range(iters):
+        m = m / m.sum(-1, keepdim=True)
+        m = m / m.sum(-2, keepdim=True)
+    return m
+
+
+def _flat_rms_projection(last: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """``RMSNorm(vec(x)) @ phi`` per token: ``last`` ``(n, N, ..., C)``, ``weight`` ``(n, C, K)``.
+
+    The norm spans all n streams of a token; it is applied after the matmul (a scalar per
+    token), so no normalised copy of the streams is written. Returns ``(N, ..., K)``.
+    """
+    n, channels = last.shape[0], last.shape[-1]
+    raw = torch.matmul(last.flatten(1, -2), weight).sum(0)  # (M, K)
+    ms = torch.linalg.vector_norm(last, dim=-1).square().sum(0) / (n * channels)  # (N, ...)
+    return raw.view(*ms.shape, -1) * torch.rsqrt(ms + eps).unsqueeze(-1)
+
+
+def _stream_first(coef: Tensor, layout: Layout) -> Tensor:
+    """Per-token per-stream coefficients ``(N, ..., n)`` -> ``(n, N, ...)`` broadcastable."""
+    return native(coef.movedim(-1, 0).unsqueeze(-1), layout)
+
+
+class MHCBranch(nn.Module):
+    """The branch of an mHC layer: ``H_post(x)[i] * fn(sum_j H_pre(x)[j] x_j)`` to stream i.
+
+    Args:
+        fn: the layer, called on one stream-sized tensor ``(N, ...)`` (it must keep the shape).
+        streams: n; dim: channels per stream; dynamic: input-dependent ``H_pre``/``H_post``;
+        layer_index: the stream ``b_pre`` favours at init (``layer_index mod n``);
+        layout: where the channels are.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from residual.hyper import expand_streams
+    >>> branch = MHCBranch(nn.Linear(8, 8), streams=2, dim=8, dynamic=False)
+    >>> branch(expand_streams(torch.randn(3, 8), 2)).shape
+    torch.Size([6, 8])
+    """
+
+    def __init__(
+        self,
+        fn: nn.Module,
+        streams: int,
+        dim: int,
+        *,
+        dynamic: bool = True,
+        layer_index: int = 0,
+        layout: Layout = "channels_last",
+    ) -> None:
+        super().__init__()
+        self.streams = check_positive_int("MHCBranch", "streams", streams)
+        self.dim = check_positive_int("MHCBranch", "dim", dim)
+        self.layout = check_layout("MHCBranch", layout)
+        self.fn = fn
+        pre = torch.zeros(streams)
+        pre[layer_index % streams] = 1.0
+        self.pre_bias = nn.Parameter(pre)  # b_pre: logits of H_pre
+        self.post_bias = nn.Parameter(torch.zeros(streams))  # b_post: H_post = 2 sigmoid(0) = 1
+        self.weight: nn.Parameter | None = None  # phi_pre | phi_post, a (C, 2n) block per stream
+        self.pre_scale: nn.Parameter | None = None  # a_pre
+        self.post_scale: nn.Parameter | None = None  # a_post
+        if dynamic:
+            self.weight = nn.Parameter(torch.zeros(streams, dim, 2 * streams))
+            self.pre_scale = nn.Parameter(torch.tensor(0.01))
+            self.post_scale = nn.Parameter(torch.tensor(0.01))
+
+    def forward(self, h: Tensor) -> Tensor:
+        n = self.streams
+        s = per_stream(h, n, "MHCBranch")  # (n, N, ...) in the input's layout
+        if self.weight is None or self.pre_scale is None or self.post_scale is None:
+            pre = torch.sigmoid(self.pre_bias)
+            x = (pre @ s.reshape(n, -1)).view(s.shape[1:])
+            post = along_streams(2 * torch.sigmoid(self.post_bias), s)
+        else:
+            last = channels_last(s, self.layout)
+            proj = _flat_rms_projection(last, self.weight)  # (N, ..., 2n)
+            pre = torch.sigmoid(self.pre_scale * proj[..., :n] + self.pre_bias)
+            post = 2 * torch.sigmoid(self.post_scale * proj[..., n:] + self.post_bias)
+            x = (_stream_first(pre, self.layout) * s).sum(0)
+            post = _stream_first(post, self.layout)
+        out = self.fn(x)
+        check_branch_shape(x, out, "MHCBranch")
+        return (post * out.unsqueeze(0)).flatten(0, 1)
+
+    def extra_repr(self) -> str:
+        return f"streams={self.streams}, dim={self.dim}, layout={self.layout!r}"
+
+
+class MHCMix(nn.Module):
+    """The shortcut of an mHC layer: ``x_i <- sum_j H_res(x)[i, j] x_j``, ``H_res`` doubly
+    stochastic (:func:`sinkhorn` of ``b_res = I`` at init, plus the dynamic part).
+
+    >>> import torch
+    >>> from residual.hyper import expand_streams, reduce_streams
+    >>> mix = MHCMix(streams=4, dim=8)
+    >>> h = torch.randn(4 * 3, 8)
+    >>> bool(torch.allclose(reduce_streams(mix(h), 4), reduce_streams(h, 4), atol=1e-5))
+    True
+    """
+
+    def __init__(
+        self,
+        streams: int,
+        dim: int,
+        *,
+        dynamic: bool = True,
+        sinkhorn_iters: int = 20,
+        layout: Layout = "channels_last",
+    ) -> None:
+        super().__init__()
+        self.streams = check_positive_int("MHCMix", "streams", streams)
+        self.dim = check_positive_int("MHCMix", "dim", dim)
+        self.sinkhorn_iters = check_positive_int("MHCMix", "sinkhorn_iters", sinkhorn_iters)
+        self.layout = check_layout("MHCMix", layout)
+        self.res_bias = nn.Parameter(torch.eye(streams))  # b_res: logits of H_res[i, j]
+        self.weight: nn.Parameter | None = None  # phi_res, a (C, n*n) block per stream
+        self.res_scale: nn.Parameter | None = None  # a_res
+        if dynamic:
+            self.weight = nn.Parameter(torch.zeros(streams, dim, streams * streams))
+            self.res_scale = nn.Parameter(torch.tensor(0.01))
+
+    def matrix(self, h: Tensor | None = None) -> Tensor:
+        """``H_res``: ``(n, n)`` when static, per token ``(N, ..., n, n)`` when dynamic.
+
+        >>> MHCMix(2, 4, dynamic=False).matrix().shape
+        torch.Size([2, 2])
+        """
+        if self.weight is None or self.res_scale is None:
+            return _sinkhorn(self.res_bias, self.sinkhorn_iters)
+        if h is None:
+            raise ResidualError("MHCMix.matrix: a dynamic H_res depends on the streams; pass h")
+        last = channels_last(per_stream(h, self.streams, "MHCMix"), self.layout)
+        return self._dynamic_matrix(last, self.weight, self.res_scale)
+
+    def _dynamic_matrix(self, last: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+        proj = _flat_rms_projection(last, weight).unflatten(-1, (self.streams, -1))
+        return _sinkhorn(scale * proj + self.res_bias, self.sinkhorn_iters)
+
+    def forward(self, h: Tensor) -> Tensor:
+        n = self.streams
+        s = per_stream(h, n, "MHCMix")
+        if self.weight is None or self.res_scale is None:
+            return (_sinkhorn(self.res_bias, self.sinkhorn_iters) @ s.reshape(n, -1)).view(h.shape)
+        last = channels_last(s, self.layout)
+        mix = self._dynamic_matrix(last, self.weight, self.res_scale)  # (N, ..., n, n)
+        mixed = torch.einsum("...ij,j...c->i...c", mix, last)
+        return native(mixed, self.layout).flatten(0, 1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"streams={self.streams}, dim={self.dim}, sinkhorn_iters={self.sinkhorn_iters}, "
+            f"layout={self.layout!r}"
+        )
+
+
+def mhc_residual(
+    fn: nn.Module,
+    streams: int,
+    dim: int,
+    *,
+    dynamic: bool = True,
+    sinkhorn_iters: int = 20,
+    layer_index: int = 0,
+    layout: Layout = "channels_last",
+    post: nn.Module | None = None,
+    drop_path: float = 0.0,
+) -> Residual:
+    """An mHC layer: ``Residual(MHCBranch(fn), shortcut=MHCMix)`` over stream tensors.
+
+    Inputs and outputs are stream tensors ``(streams * N, ...)`` (``expand_streams`` /
+    ``reduce_streams``). With ``streams=1`` the constrained maps are degenerate (``H_res = 1``,
+    ``H_pre = sigmoid(.) < 1``), so the layer is the plain ``Residual(fn)``: exactly
+    ``x + fn(x)``, with no connection parameters (as the peer package does).
+
+    Raises:
+        ResidualError: ``streams < 1``, ``dim`` or ``sinkhorn_iters`` not positive.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from residual.hyper import expand_streams, reduce_streams
+    >>> stack = nn.Sequential(
+    ...     *(mhc_residual(nn.Linear(8, 8), streams=4, dim=8, layer_index=i) for i in range(3))
+    ... )
+    >>> h = stack(expand_streams(torch.randn(2, 8), 4))
+    >>> h.shape, reduce_streams(h, 4).shape
+    (torch.Size([8, 8]), torch.Size([2, 8]))
+    """
+    check_positive_int("mhc_residual", "streams", streams)
+    if streams == 1:
+        return Residual(fn, post=post, drop_path=drop_path)
+    branch = MHCBranch(fn, streams, dim, dynamic=dynamic, layer_index=layer_index, layout=layout)
+    mix = MHCMix(streams, dim, dynamic=dynamic, sinkhorn_iters=sinkhorn_iters, layout=layout)
+    return Residual(branch, shortcut=mix, post=post, drop_path=drop_path)
+
+
+for _name in ("along_streams", "check_branch_shape", "_flat_rms_projection"):
+    torch.fx.wrap(_name)
