@@ -41,12 +41,13 @@ def _channel_dim(layout: Layout) -> int:
 def _check_dim(caller: str, t: Tensor, dim: int, layout: Layout) -> None:
     axis = _channel_dim(layout)
     with _branch.shape_checks():
-        fits = bool(not (t.dim() < 2 and layout == "channels_first") and t.shape[axis] == dim)
+        has_channels = t.dim() > max(axis, 0)  # dim 1 needs 2 dims, the last dim needs 1
+        fits = bool(has_channels and t.shape[axis] == dim)
     if not fits:
+        fix = f"build it with dim={t.shape[axis]}" if has_channels else "give it a channel dim"
         raise ResidualError(
             f"{caller}: built for {dim} channels ({layout}), got a branch output of shape "
-            f"{tuple(t.shape)}; build it with dim={t.shape[axis] if t.dim() else '?'} or fix "
-            "the layout"
+            f"{tuple(t.shape)}; {fix} or fix the layout"
         )
 
 
