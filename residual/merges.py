@@ -192,9 +192,10 @@ class HighwayGate(nn.Module):
     block close to the identity (Srivastava et al. 2015 use -1 to -3).
 
     >>> import torch
-    >>> gate = HighwayGate(8, bias_init=-2.0)
-    >>> gate(torch.ones(3, 8), torch.zeros(3, 8)).shape
-    torch.Size([3, 8])
+    >>> gate = HighwayGate(2, bias_init=-2.0)
+    >>> _ = torch.nn.init.zeros_(gate.proj.weight)  # g = sigmoid(-2): 12% branch, 88% shortcut
+    >>> gate(torch.zeros(1, 2), torch.ones(1, 2))
+    tensor([[0.1192, 0.1192]], grad_fn=<LerpBackward1>)
     """
 
     def __init__(
