@@ -41,12 +41,13 @@ def _channel_dim(layout: Layout) -> int:
 def _check_dim(caller: str, t: Tensor, dim: int, layout: Layout) -> None:
     axis = _channel_dim(layout)
     with _branch.shape_checks():
-        fits = bool(not (t.dim() < 2 and layout == "channels_first") and t.shape[axis] == dim)
+        has_channels = t.dim() > max(axis, 0)  # dim 1 needs 2 dims, the last dim needs 1
+        fits = bool(has_channels and t.shape[axis] == dim)
     if not fits:
+        fix = f"build it with dim={t.shape[axis]}" if has_channels else "give it a channel dim"
         raise ResidualError(
             f"{caller}: built for {dim} channels ({layout}), got a branch output of shape "
-            f"{tuple(t.shape)}; build it with dim={t.shape[axis] if t.dim() else '?'} or fix "
-            "the layout"
+            f"{tuple(t.shape)}; {fix} or fix the layout"
         )
 
 
@@ -191,9 +192,10 @@ class HighwayGate(nn.Module):
     block close to the identity (Srivastava et al. 2015 use -1 to -3).
 
     >>> import torch
-    >>> gate = HighwayGate(8, bias_init=-2.0)
-    >>> gate(torch.ones(3, 8), torch.zeros(3, 8)).shape
-    torch.Size([3, 8])
+    >>> gate = HighwayGate(2, bias_init=-2.0)
+    >>> _ = torch.nn.init.zeros_(gate.proj.weight)  # g = sigmoid(-2): 12% branch, 88% shortcut
+    >>> gate(torch.zeros(1, 2), torch.ones(1, 2))
+    tensor([[0.1192, 0.1192]], grad_fn=<LerpBackward1>)
     """
 
     def __init__(

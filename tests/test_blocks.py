@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from reference import Bottleneck as TorchvisionBottleneck
 from torch import Tensor, nn
 
@@ -116,7 +117,11 @@ def test_zero_init_gives_shortcut_then_relu() -> None:
 def test_custom_layers() -> None:
     block = ResidualBlock(8, 8, norm_layer=lambda c: nn.GroupNorm(2, c), act_layer=nn.GELU)
     assert isinstance(block.fn.bn1, nn.GroupNorm) and isinstance(block.post, nn.GELU)
-    assert block(torch.randn(2, 8, 4, 4)).shape == (2, 8, 4, 4)
+    x = torch.randn(2, 8, 4, 4)
+    f = block.fn
+    norm1 = F.group_norm(f.conv1(x), 2, f.bn1.weight, f.bn1.bias, f.bn1.eps)
+    norm2 = F.group_norm(f.conv2(F.gelu(norm1)), 2, f.bn2.weight, f.bn2.bias, f.bn2.eps)
+    torch.testing.assert_close(block(x), F.gelu(x + norm2))
 
 
 @pytest.mark.parametrize(

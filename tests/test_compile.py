@@ -95,6 +95,8 @@ def test_every_zoo_model_traces_without_graph_breaks(build, shape, train) -> Non
     out = torch.compile(model, fullgraph=True, backend="eager")(x)
     if train:
         out.float().sum().backward()
+    else:  # the traced graph computes what eager does
+        torch.testing.assert_close(out, model(x), atol=1e-6, rtol=1e-5)
 
 
 def test_causal_lm_traces_without_graph_breaks() -> None:
@@ -102,8 +104,12 @@ def test_causal_lm_traces_without_graph_breaks() -> None:
 
     torch._dynamo.reset()
     lm = CausalTransformerLM(20, 16, 2, 2, 8)
-    out = torch.compile(lm, fullgraph=True, backend="eager")(torch.randint(0, 20, (2, 8)))
+    idx = torch.randint(0, 20, (2, 8))
+    out = torch.compile(lm, fullgraph=True, backend="eager")(idx)
     out.sum().backward()
+    lm.eval()
+    compiled = torch.compile(lm, fullgraph=True, backend="eager")(idx)
+    torch.testing.assert_close(compiled, lm(idx), atol=1e-6, rtol=1e-5)
 
 
 def test_lstm_models_break_the_graph_by_design() -> None:

@@ -7,6 +7,7 @@ import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from conftest import MySelfAttention
@@ -161,7 +162,9 @@ def test_gradients_reach_every_parameter_and_input() -> None:
     block = Residual(nn.Linear(8, 16), shortcut="projection")
     x = torch.randn(4, 8, requires_grad=True)
     block(x).sum().backward()
-    assert x.grad is not None
+    # d/dx sum(W_s x + W_f x + b) = column sums of W_s + W_f, for every sample
+    weights = block.shortcut.linear.weight + block.fn.weight
+    torch.testing.assert_close(x.grad, weights.sum(0).expand(4, 8))
     for name, p in block.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
@@ -205,11 +208,38 @@ def test_repr_shows_shortcut_kind_and_options() -> None:
     assert "drop_path=0.1, drop_mode='row'" in text
 
 
-def test_odd_sizes_follow_the_padded_conv() -> None:
-    for name in ("projection", "zero_pad", "pooled_projection"):
-        block = Residual(nn.Conv2d(3, 6, 3, stride=2, padding=1), shortcut=name)
-        assert block(torch.randn(1, 3, 7, 7)).shape == (1, 6, 4, 4), name
-        assert block(torch.randn(1, 3, 9, 5)).shape == (1, 6, 5, 3), name
+def _shortcut_by_hand(name: str, shortcut: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ResNet's stride-2 shortcuts written out (eval: the norm uses its running statistics)."""
+    if name == "zero_pad":  # option A: every other pixel, zero channels appended
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 0, 3))
+    if name == "pooled_projection":  # ResNet-D: mean of each 2x2 window, clipped at the border
+        h, w = x.shape[2:]
+        padded = F.pad(x, (0, w % 2, 0, h % 2))
+        counts = F.pad(torch.ones(1, 1, h, w), (0, w % 2, 0, h % 2))
+        summed = padded.unfold(2, 2, 2).unfold(3, 2, 2).sum((-2, -1))
+        sub = summed / counts.unfold(2, 2, 2).unfold(3, 2, 2).sum((-2, -1))
+    else:  # option B: a 1x1 conv of stride 2 reads every other pixel
+        sub = x[:, :, ::2, ::2]
+    projected = torch.einsum("oc,nchw->nohw", shortcut.conv.weight[:, :, 0, 0], sub)
+    norm = shortcut.norm
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    shift = norm.bias - norm.running_mean * scale
+    return projected * scale.view(-1, 1, 1) + shift.view(-1, 1, 1)
+
+
+@pytest.mark.parametrize("name", ["projection", "zero_pad", "pooled_projection"])
+def test_odd_sizes_follow_the_padded_conv(name: str) -> None:
+    fn = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+    block = Residual(fn, shortcut=name).eval()
+    if name != "zero_pad":
+        with torch.no_grad():  # statistics that say something
+            block.shortcut.norm.running_mean.uniform_(-0.5, 0.5)
+            block.shortcut.norm.running_var.uniform_(0.5, 1.5)
+    for shape, out in (((1, 3, 7, 7), (4, 4)), ((2, 3, 9, 5), (5, 3))):
+        x = torch.randn(shape)
+        y = block(x)
+        assert y.shape == (shape[0], 6, *out), name
+        torch.testing.assert_close(y, _shortcut_by_hand(name, block.shortcut, x) + fn(x))
 
 
 def test_shape_mismatch_names_both_shapes_and_the_fix() -> None:

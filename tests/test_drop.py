@@ -7,7 +7,7 @@ import torch
 import torch._dynamo.testing
 from torch import Tensor, nn
 
-from residual import Residual, ResidualError, apply_drop_schedule
+from residual import Residual, ResidualError, ScaledAdd, apply_drop_schedule
 from residual.drop import linear_drop_rates
 from residual.models import CausalTransformerLM, MLPMixer, ResidualLSTM, ResidualMLP
 
@@ -52,7 +52,8 @@ def test_batch_mode_skips_forward_and_backward() -> None:
         if len(fn.calls) > before:
             ran += 1
             torch.testing.assert_close(y, x + fn.lin(x) / 0.5)
-            assert fn.lin.weight.grad is not None
+            # d/dW sum(x + (W x + b) / 0.5): every row is 2 * the sum of the samples
+            torch.testing.assert_close(fn.lin.weight.grad, 2 * x.detach().sum(0).expand(4, 4))
         else:
             torch.testing.assert_close(y, x, atol=0, rtol=0)
             # no backward through the branch either: only a zero tie, so the parameters get
@@ -114,8 +115,15 @@ def test_training_mean_matches_eval(mode: str) -> None:
 
 def test_merge_and_post_apply_in_every_mode() -> None:
     for mode in ("row", "batch", "subset"):
-        block = Residual(nn.Linear(4, 4), drop_path=0.5, drop_mode=mode, post=nn.ReLU())
-        assert torch.all(block(torch.randn(8, 4)) >= 0), mode
+        fn = nn.Linear(4, 4)
+        block = Residual(fn, drop_path=0.5, drop_mode=mode, post=nn.ReLU(), merge=ScaledAdd(2.0))
+        x = torch.randn(8, 4)
+        y = block(x)
+        with torch.no_grad():
+            kept, dropped = torch.relu(2 * x + fn(x) / 0.5), torch.relu(2 * x)
+        # each sample: post(merge(S, F / keep)) if its branch ran, else post(merge(S, 0))
+        rows = torch.isclose(y, kept).all(1) | torch.isclose(y, dropped).all(1)
+        assert rows.all(), mode
 
 
 def test_mode_errors() -> None:
@@ -136,8 +144,15 @@ def test_mode_errors() -> None:
 
 def test_row_mode_passes_tuples_through() -> None:
     lstm = nn.LSTM(4, 4, batch_first=True)
-    y, (h, _) = Residual(lstm, drop_path=0.2)(torch.randn(3, 5, 4))
-    assert y.shape == (3, 5, 4) and h.shape == (1, 3, 4)
+    x = torch.randn(3, 5, 4)
+    y, (h, c) = Residual(lstm, drop_path=0.2)(x)
+    out, (h_ref, c_ref) = lstm(x)
+    # the state passes through untouched; each sample's output is x + out / keep, or x
+    torch.testing.assert_close(h, h_ref, atol=0, rtol=0)
+    torch.testing.assert_close(c, c_ref, atol=0, rtol=0)
+    kept = torch.isclose(y, x + out / 0.8).flatten(1).all(1)
+    dropped = torch.isclose(y, x).flatten(1).all(1)
+    assert (kept | dropped).all()
 
 
 def test_schedule_helpers() -> None:

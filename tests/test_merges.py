@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -121,3 +123,107 @@ def test_merge_parameters_show_in_torchinfo_and_state_dict() -> None:
     rows = {(i.class_name, i.num_params) for i in stats.summary_list}
     assert ("GRUGate", 3 * 16 * 16 * 2 + 6 * 16) in rows
     assert any(k.startswith("merge.gru.") for k in block.state_dict())
+
+
+def test_scaled_add_with_a_branch_scale_other_than_one() -> None:
+    s, f = torch.randn(3, 6), torch.randn(3, 6)
+    torch.testing.assert_close(ScaledAdd(beta=2.0)(s, f), s + 2.0 * f)
+    torch.testing.assert_close(ScaledAdd(alpha=0.5, beta=2.0)(s, f), 0.5 * s + 2.0 * f)
+    torch.testing.assert_close(ScaledAdd(alpha=3.0)(s, f), 3.0 * s + f)
+
+
+@pytest.mark.parametrize("layers", [1, 6, 18, 100])
+def test_deepnorm_scales_of_one_stack_are_the_papers(layers: int) -> None:
+    # Wang et al. 2022, DeepNet, Table 1: encoder-only or decoder-only (N or M layers).
+    enc, _ = deepnorm_scales(encoder_layers=layers)
+    _, dec = deepnorm_scales(decoder_layers=layers)
+    for scales in (enc, dec):
+        assert scales is not None
+        assert math.isclose(scales.alpha, (2 * layers) ** (1 / 4))
+        assert math.isclose(scales.beta, (8 * layers) ** (-1 / 4))
+
+
+def test_deepnorm_scales_refuse_a_negative_stack() -> None:
+    for encoder_layers, decoder_layers in ((-1, 3), (3, -1), (0, 0)):
+        with pytest.raises(
+            ResidualError,
+            match=rf"^deepnorm_scales: give a positive encoder_layers and/or decoder_layers, "
+            rf"got encoder_layers={encoder_layers}, decoder_layers={decoder_layers}$",
+        ):
+            deepnorm_scales(encoder_layers=encoder_layers, decoder_layers=decoder_layers)
+
+
+def test_rezero_with_a_learned_scale() -> None:
+    merge = ReZero(init=0.5)
+    s, f = torch.randn(3, 4), torch.randn(3, 4)
+    torch.testing.assert_close(merge(s, f), s + 0.5 * f)
+    with torch.no_grad():
+        merge.alpha.fill_(-1.5)
+    torch.testing.assert_close(merge(s, f), s - 1.5 * f)
+
+
+@pytest.mark.parametrize(
+    ("layout", "shape"),
+    [("channels_last", (5,)), ("channels_first", (2, 5)), ("channels_first", (2, 5, 3))],
+)
+def test_layerscale_on_the_fewest_dims_a_layout_allows(layout, shape) -> None:
+    merge = LayerScale(5, init=0.0, layout=layout)
+    with torch.no_grad():
+        merge.gamma.copy_(torch.arange(1.0, 6.0))
+    s, f = torch.randn(shape), torch.randn(shape)
+    gamma = torch.arange(1.0, 6.0).view((5,) + (1,) * (len(shape) - 2 if len(shape) > 1 else 0))
+    torch.testing.assert_close(merge(s, f), s + gamma * f)
+
+
+@pytest.mark.parametrize("merge", [LayerScale, HighwayGate, GRUGate])
+@pytest.mark.parametrize(
+    ("layout", "shape"),
+    [("channels_first", (5,)), ("channels_first", ()), ("channels_last", ())],
+)
+def test_a_branch_without_a_channel_dim_is_named(merge, layout, shape) -> None:
+    name = merge.__name__
+    with pytest.raises(
+        ResidualError,
+        match=rf"^{name}: built for 5 channels \({layout}\), got a branch output of shape "
+        rf"{re.escape(str(shape))}; give it a channel dim or fix the layout$",
+    ):
+        merge(5, layout=layout)(torch.randn(shape), torch.randn(shape))
+
+
+@pytest.mark.parametrize("merge", [LayerScale, HighwayGate, GRUGate])
+def test_per_channel_merges_name_themselves_and_the_bad_argument(merge) -> None:
+    name = merge.__name__
+    with pytest.raises(ResidualError, match=rf"^{name}: dim must be a positive int, got 0$"):
+        merge(0)
+    with pytest.raises(TypeError, match=rf"^{name}: dim must be an int, got float 4\.0$"):
+        merge(4.0)
+    with pytest.raises(ResidualError, match=rf"^{name}: unknown layout 'nchw'; use"):
+        merge(4, layout="nchw")
+    with pytest.raises(
+        ResidualError,
+        match=rf"^{name}: built for 4 channels \(channels_first\), got a branch output of "
+        r"shape \(2, 3, 4\); build it with dim=3 or fix the layout$",
+    ):
+        merge(4, layout="channels_first")(torch.randn(2, 3, 4), torch.randn(2, 3, 4))
+
+
+def test_gru_gate_channels_first_gates_every_position() -> None:
+    gate = GRUGate(3, layout="channels_first")
+    s, f = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    # position by position: the GRU cell on the channel vector at (n, h, w)
+    expected = torch.empty_like(s)
+    for n, h, w in itertools.product(range(2), range(4), range(5)):
+        cell = gate.gru(f[n, :, h, w].unsqueeze(0), s[n, :, h, w].unsqueeze(0))
+        expected[n, :, h, w] = cell[0]
+    torch.testing.assert_close(gate(s, f), expected)
+    assert gate.layout == "channels_first"
+
+
+def test_a_merge_built_for_the_other_layout_is_refused_at_build() -> None:
+    with pytest.raises(
+        ResidualError,
+        match=r"^Residual: merge LayerScale was built for 4 channels \(channels_last\) but the "
+        r"branch outputs 4 \(channels_first\); build it with "
+        r"LayerScale\(4, layout='channels_first'\)$",
+    ):
+        Residual(nn.Conv2d(4, 4, 3, padding=1), merge=LayerScale(4))

@@ -258,14 +258,17 @@ CATALOGUE: list[Misuse] = [
         "a LayerScale built for other channels than the branch outputs",
         lambda: Residual(nn.Linear(4, 8), "projection", merge=LayerScale(4)),
         ResidualError,
-        r"built for 4 channels \(channels_last\) but the branch outputs 8.*LayerScale\(8",
+        r"^Residual: merge LayerScale was built for 4 channels \(channels_last\) but the "
+        r"branch outputs 8 \(channels_last\); build it with LayerScale\(8, "
+        r"layout='channels_last'\)$",
     ),
     Misuse(
         "gate-dim-at-call",
         "a gate whose channels differ from the stream's",
         lambda: Residual(nn.Identity(), merge=HighwayGate(8))(torch.randn(2, 6)),
         ResidualError,
-        r"HighwayGate: built for 8 channels \(channels_last\)",
+        r"^HighwayGate: built for 8 channels \(channels_last\), got a branch output of shape "
+        r"\(2, 6\); build it with dim=6 or fix the layout$",
     ),
     Misuse(
         "layerscale-layout",
@@ -273,6 +276,14 @@ CATALOGUE: list[Misuse] = [
         lambda: Residual(nn.Identity(), merge=LayerScale(4))(torch.randn(2, 4, 3, 3)),
         ResidualError,
         "build it with dim=3 or fix the layout",
+    ),
+    Misuse(
+        "merge-no-channel-dim",
+        "a channel-first LayerScale on a branch output with no channel dim 1",
+        lambda: LayerScale(4, layout="channels_first")(torch.randn(4), torch.randn(4)),
+        ResidualError,
+        r"^LayerScale: built for 4 channels \(channels_first\), got a branch output of shape "
+        r"\(4,\); give it a channel dim or fix the layout$",
     ),
     Misuse(
         "call-with-list",

@@ -70,9 +70,21 @@ def test_cifar_zero_init_residual_starts_as_shortcut() -> None:
     torch.testing.assert_close(block(x), torch.relu(x), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("depth", [19, 21, 0, 2], ids=str)
-def test_cifar_bad_depth(depth: int) -> None:
-    with pytest.raises(ResidualError, match=r"depth must be 6n \+ 2|positive int"):
+@pytest.mark.parametrize(
+    ("depth", "says"),
+    [
+        (
+            19,
+            r"6n \+ 2 \(20, 32, 44, 56, 110, 1202, \.\.\.\), got 19; the nearest valid depth is 20",
+        ),
+        (21, r"6n \+ 2 .*, got 21; the nearest valid depth is 20"),
+        (2, r"6n \+ 2 .*, got 2; the nearest valid depth is 8"),
+        (0, r"a positive int, got 0"),
+    ],
+    ids=lambda v: str(v) if isinstance(v, int) else "",
+)
+def test_cifar_bad_depth(depth: int, says: str) -> None:
+    with pytest.raises(ResidualError, match=rf"^cifar_resnet: depth must be {says}$"):
         cifar_resnet(depth)
 
 

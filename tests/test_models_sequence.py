@@ -135,8 +135,15 @@ def test_gpt_block_is_causal_prenorm() -> None:
 
 
 def test_causal_lm_shapes_and_errors() -> None:
-    lm = CausalTransformerLM(30, d_model=16, nhead=2, num_layers=2, max_len=8)
-    assert lm(torch.randint(0, 30, (2, 8))).shape == (2, 8, 30)
+    lm = CausalTransformerLM(30, d_model=16, nhead=2, num_layers=2, max_len=8).eval()
+    idx = torch.randint(0, 30, (2, 8))
+    logits = lm(idx)
+    assert logits.shape == (2, 8, 30)
+    changed = idx.clone()
+    changed[:, 5] = (idx[:, 5] + 1) % 30  # another token at position 5
+    other = lm(changed)
+    torch.testing.assert_close(other[:, :5], logits[:, :5])  # the past does not see it
+    assert (other[:, 5:] - logits[:, 5:]).abs().amax(dim=-1).min() > 1e-4  # the rest does
     with pytest.raises(ResidualError, match="length <= 8"):
         lm(torch.randint(0, 30, (2, 9)))
 
@@ -153,8 +160,14 @@ def test_residual_lstm_matches_hand_written_stack() -> None:
     torch.testing.assert_close(out, y1 + y2)
     torch.testing.assert_close(h, torch.cat([h0, h1, h2]))
     torch.testing.assert_close(c, torch.cat([c0, c1, c2]))
-    out2, _ = model(x, (h, c))  # an initial state in the same layout
-    assert out2.shape == out.shape
+    out2, (h2_all, _) = model(x, (h, c))  # an initial state in the same layout
+    y0, (g0, _) = l0(x, (h[0:1], c[0:1]))
+    y1, (g1, _) = l1(y0, (h[1:2], c[1:2]))
+    y1 = y0 + y1
+    y2, (g2, _) = l2(y1, (h[2:3], c[2:3]))
+    torch.testing.assert_close(out2, y1 + y2)
+    torch.testing.assert_close(h2_all, torch.cat([g0, g1, g2]))
+    assert not torch.allclose(out2, out)  # the state was used
 
 
 def test_residual_lstm_gnmt_layout() -> None:
@@ -162,21 +175,59 @@ def test_residual_lstm_gnmt_layout() -> None:
         10, 16, num_layers=4, residual_from=2, bidirectional_first=True, dropout=0.1
     )
     assert [type(m).__name__ for m in model.layers] == ["LSTM", "LSTM", "Residual", "Residual"]
-    out, (h, c) = model(torch.randn(3, 7, 10))
-    assert out.shape == (3, 7, 16) and h.shape == (5, 3, 16) and c.shape == (5, 3, 16)
+    x = torch.randn(3, 7, 10)
+    out, (h, c) = model.eval()(x)  # eval: no dropout between the layers
+    # by hand: a bidirectional layer (2 state rows), a plain one, then two residual layers
+    l0, l1, l2, l3 = model.layers[0], model.layers[1], model.layers[2].fn, model.layers[3].fn
+    assert l0.bidirectional and not l1.bidirectional
+    y0, (h0, c0) = l0(x)
+    y1, (h1, c1) = l1(y0)
+    y2, (h2, c2) = l2(y1)
+    y2 = y1 + y2
+    y3, (h3, c3) = l3(y2)
+    torch.testing.assert_close(out, y2 + y3)
+    torch.testing.assert_close(h, torch.cat([h0, h1, h2, h3]))
+    torch.testing.assert_close(c, torch.cat([c0, c1, c2, c3]))
+    assert out.shape == (3, 7, 16) and h.shape == (5, 3, 16)
     with pytest.raises(ResidualError, match="residual_from >= 2"):
         ResidualLSTM(10, 16, num_layers=3, residual_from=1, bidirectional_first=True)
     with pytest.raises(ResidualError, match="layer 0 maps 10 -> 16"):
         ResidualLSTM(10, 16, residual_from=0)
 
 
+def _mlp(fn: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
+    """A pre-norm MLP branch written with functional ops: LayerNorm, Linear, GELU, Linear."""
+    norm, lin1, _, _, lin2 = fn
+    h = F.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return F.linear(F.gelu(F.linear(h, lin1.weight, lin1.bias)), lin2.weight, lin2.bias)
+
+
 def test_residual_mlp_and_mixer() -> None:
     mlp = ResidualMLP(64, 10, dim=32, depth=3)
     assert sum(isinstance(m, Residual) for m in mlp.modules()) == 3
-    assert mlp(torch.randn(5, 64)).shape == (5, 10)
+    x = torch.randn(5, 64)
+    h = F.linear(x, mlp.stem.weight, mlp.stem.bias)
+    for block in mlp.blocks:
+        h = h + _mlp(block.fn, h)
+    h = F.layer_norm(h, (32,), mlp.norm.weight, mlp.norm.bias)
+    torch.testing.assert_close(mlp(x), F.linear(h, mlp.head.weight, mlp.head.bias))
+
     mixer = MLPMixer(8, 2, 1, dim=32, depth=2, num_classes=10)
     assert sum(isinstance(m, Residual) for m in mixer.modules()) == 4
-    assert mixer(torch.randn(5, 1, 8, 8)).shape == (5, 10)
+    images = torch.randn(5, 1, 8, 8)
+    # patches of 2x2, row-major over the 4x4 grid, each flattened as (p1, p2, c)
+    patches = images.view(5, 1, 4, 2, 4, 2).permute(0, 2, 4, 3, 5, 1).reshape(5, 16, 4)
+    embed = mixer.patches[1]
+    h = F.linear(patches, embed.weight, embed.bias)
+    for token_mixing, channel_mixing in zip(mixer.blocks[0::2], mixer.blocks[1::2], strict=True):
+        norm, _, lin1, _, _, lin2, _ = token_mixing.fn
+        t = F.layer_norm(h, (32,), norm.weight, norm.bias).transpose(1, 2)  # (N, dim, tokens)
+        t = F.linear(F.gelu(F.linear(t, lin1.weight, lin1.bias)), lin2.weight, lin2.bias)
+        h = h + t.transpose(1, 2)
+        h = h + _mlp(channel_mixing.fn, h)
+    pooled = F.layer_norm(h, (32,), mixer.norm.weight, mixer.norm.bias).mean(dim=1)
+    expected = F.linear(pooled, mixer.head.weight, mixer.head.bias)
+    torch.testing.assert_close(mixer(images), expected)
     token_mixing = mixer.blocks[0]
     assert type(token_mixing.fn[1]).__name__ == "Rearrange"
     with pytest.raises(ResidualError, match=r"expected images \(N, 1, 8, 8\)"):

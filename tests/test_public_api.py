@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -79,7 +82,10 @@ def test_design_md_model_names() -> None:
         "ResidualLSTM",
     ):
         assert name in models.__all__, name
-    assert callable(models.TransformerEncoderLayer.from_torch)
+    # a classmethod: TransformerEncoderLayer.from_torch(layer) builds an instance
+    assert isinstance(
+        inspect.getattr_static(models.TransformerEncoderLayer, "from_torch"), classmethod
+    )
 
 
 @pytest.mark.parametrize(
@@ -99,7 +105,20 @@ def test_blocks_are_residual_classes(block) -> None:
 
 def test_the_top_level_stays_small_and_submodules_load_on_use() -> None:
     assert len(residual.__all__) <= 20
-    assert residual.hyper.hyper_residual is not None  # `import residual; residual.hyper`
+    loads = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, residual; before = 'residual.hyper' in sys.modules; "
+            "fn = residual.hyper.hyper_residual; import residual.hyper as h; "
+            "print(before, fn is h.hyper_residual)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(residual.__file__).parents[1],
+    )
+    assert loads.stdout.split() == ["False", "True"]  # not at import; `residual.hyper` on use
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         residual.nope  # noqa: B018
 

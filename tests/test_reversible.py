@@ -54,8 +54,12 @@ def test_block_formula_and_inverse() -> None:
 
 
 def test_channels_first_split() -> None:
-    block = Reversible(conv(3), conv(3), layout="channels_first").eval()
+    f, g = conv(3).eval(), conv(3).eval()
+    block = Reversible(f, g, layout="channels_first").eval()
     x = torch.randn(2, 6, 5, 5)
+    x1, x2 = x[:, :3], x[:, 3:]  # halves of the channels (dim 1), not of the last dim
+    y1 = x1 + f(x2)
+    torch.testing.assert_close(block(x), torch.cat([y1, x2 + g(y1)], dim=1))
     assert (block.inverse(block(x)) - x).abs().max() < 1e-4
 
 
@@ -255,20 +259,29 @@ def test_train_eval_switch_between_forward_and_backward_is_an_error(
 ) -> None:
     seq = stack(2, 3, dropout=0.5)
     x = torch.randn(4, 6, requires_grad=True)
+    torch.manual_seed(3)
     out = seq(x)
     switch(seq)
     with pytest.raises(ResidualError, match=match):
         torch.autograd.grad(out.sum(), [x, *seq.parameters()], create_graph=create_graph)
     seq.train()
     out.sum().backward()  # switched back: the backward is the forward's again
-    assert x.grad is not None
+    stored = x.detach().requires_grad_()
+    torch.manual_seed(3)  # the same dropout masks, activations stored by autograd
+    plain_forward(seq, stored).sum().backward()
+    torch.testing.assert_close(x.grad, stored.grad)
 
 
 def test_switch_after_backward_is_fine() -> None:
     seq = stack(2, 3, dropout=0.5)
     seq(torch.randn(4, 6, requires_grad=True)).sum().backward()
     seq.eval()
-    assert seq(torch.randn(4, 6)).shape == (4, 6)
+    x = torch.randn(4, 6)
+    y = x
+    for block in seq.blocks:  # by hand: y1 = x1 + f(x2), y2 = x2 + g(y1); no dropout in eval
+        y1 = y[:, :3] + block.f(y[:, 3:])
+        y = torch.cat([y1, y[:, 3:] + block.g(y1)], dim=-1)
+    torch.testing.assert_close(seq(x), y)
 
 
 def test_parameter_modified_between_forward_and_backward_is_an_error() -> None:
@@ -290,3 +303,8 @@ def test_functional_call_uses_the_given_parameters() -> None:
         grads.append(torch.autograd.grad(out.square().sum(), [x, *given.values()]))
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+    doubled = copy.deepcopy(seq)  # the same stack, holding the given values
+    doubled.load_state_dict({k: v.detach() for k, v in given.items()})
+    out = functional_call(seq.train(), given, (x,))
+    torch.testing.assert_close(out, plain_forward(doubled, x))
+    assert not torch.allclose(out, seq(x))  # not the module's own parameters

@@ -514,7 +514,12 @@ def test_transformerencoderlayer_src_mask(nhead: int) -> None:
     model(src, src_mask=src_mask)
     model.eval()
     with torch.no_grad():
-        model(src, src_mask=src_mask)
+        result = model(src, src_mask=src_mask)
+    # Ours, beyond torch's test (which only runs it): torch's layer with the same weights
+    # agrees, and an all-False boolean mask masks nothing.
+    with torch.no_grad():
+        torch.testing.assert_close(result, model.to_torch()(src, src_mask=src_mask))
+        torch.testing.assert_close(result, model(src), atol=0, rtol=0)
 
 
 # --- test_transformers.py: TestTransformers.test_transformerencoderlayer_no_fastpath_with_hooks
@@ -634,6 +639,11 @@ def test_encoder_is_causal() -> None:
     masked_output = layer(x, src_mask=mask)
     torch.testing.assert_close(masked_output, is_causal_output)
     assert unmasked_output.shape == masked_output.shape
+    # Ours, beyond torch's test: the mask is applied. The first position sees only itself, the
+    # last sees everything either way, the ones between see less than without the mask.
+    torch.testing.assert_close(masked_output[:, 0], layer(x[:, :1])[:, 0])
+    torch.testing.assert_close(masked_output[:, -1], unmasked_output[:, -1])
+    assert (masked_output - unmasked_output)[0, :-1].abs().amax(-1).min() > 1e-4
 
 
 # --- test_transformers.py: TestTransformers.test_kpm_mask_trailing_column_with_nested_tensor --
@@ -725,17 +735,29 @@ def test_transformerencoderlayer_subclass_model_eager() -> None:
     # Source: pytorch test/test_transformers.py,
     # TestTransformers.test_transformerencoderlayer_subclass_model, the eager half (a subclass
     # of the layer inside nn.TransformerEncoder, train and eval, same seed -> same output).
+    # Torch compares the module with its scripted self; ours cannot be scripted (SCRIPT), so the
+    # independent side is torch's encoder of torch's layers holding the same weights.
     layer = MyCustomLayer(d_model=8, nhead=4, dim_feedforward=32, batch_first=True)
     model = nn.TransformerEncoder(layer, num_layers=6)
+    ref = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(d_model=8, nhead=4, dim_feedforward=32, batch_first=True),
+        num_layers=6,
+    )
+    model.load_state_dict(ref.state_dict(), strict=True)  # ours loads torch's keys
+    for torch_layer in ref.layers:  # dropout draws in memory order: (N, L, E) as ours
+        torch_layer.dropout1.register_forward_pre_hook(lambda _, args: (args[0].contiguous(),))
     src = torch.rand(2, 4, 8)
     src_mask = torch.zeros(4, 4).to(torch.bool)
     torch.manual_seed(42)
     result = model(src, mask=src_mask)
     torch.manual_seed(42)
-    torch.testing.assert_close(result, model(src, mask=src_mask))
+    torch.testing.assert_close(result, ref(src, mask=src_mask), atol=1e-5, rtol=1e-5)
     model.eval()
+    ref.eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(src, mask=src_mask), model(src, mask=src_mask))
+        torch.testing.assert_close(
+            model(src, mask=src_mask), ref(src, mask=src_mask), atol=1e-5, rtol=1e-5
+        )
 
 
 @pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
