@@ -351,7 +351,8 @@ class ValueResidualGPTBlock(nn.Module):
     residuals, the attention branch a :class:`ValueResidualAttention`. ``forward(x,
     first_values=None)`` returns ``(x, V)``, this block's values; stack the blocks in a
     :class:`~residual.depth.DepthStack` with ``values=True``, which hands the first block's
-    values to the others. With ``lam=1`` it computes what :func:`gpt_block` computes.
+    values to the others. With ``lam=1`` it computes what :func:`gpt_block` computes;
+    ``causal=False`` makes it an encoder layer (bidirectional attention).
 
     >>> import torch
     >>> from residual.depth import DepthStack
@@ -370,10 +371,11 @@ class ValueResidualGPTBlock(nn.Module):
         lam: float = 0.5,
         bias: bool = True,
         drop_path: float = 0.0,
+        causal: bool = True,
     ) -> None:
         super().__init__()
         hidden = dim_feedforward or 4 * d_model
-        attention = SelfAttention(d_model, nhead, dropout, bias, causal=True)
+        attention = SelfAttention(d_model, nhead, dropout, bias, causal=causal)
         branch = ValueResidualAttention(attention, nn.LayerNorm(d_model), lam=lam, dropout=dropout)
         self.attn = Residual(branch, drop_path=drop_path)
         self.ff = Residual(
