@@ -200,7 +200,13 @@ class DepthStack(nn.Module):
         for block, connection in zip(self.blocks, self.connections, strict=True):
             inputs.append(x)
             if self.values:
-                out, v = block(x, first_values=first)
+                result = block(x, first_values=first)
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise TypeError(
+                        f"DepthStack(values=True): {type(block).__name__} must return "
+                        "(output, values), e.g. a ValueResidualGPTBlock"
+                    )
+                out, v = result
                 first = v if first is None else first
             else:
                 out = block(x)

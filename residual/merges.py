@@ -257,6 +257,8 @@ class LaurelRW(nn.Module):
 
     def __init__(self, init: tuple[float, float] = (0.0, 0.0)) -> None:
         super().__init__()
+        if len(init) != 2:
+            raise ResidualError(f"LaurelRW: init holds the two logits (alpha, beta), got {init}")
         self.logits = nn.Parameter(torch.tensor([float(v) for v in init]))  # (alpha, beta)
 
     def forward(self, shortcut: Tensor, branch: Tensor) -> Tensor:

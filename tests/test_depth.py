@@ -265,3 +265,19 @@ def test_resi_dual_matches_the_papers_recurrence() -> None:
 def test_resi_dual_refuses_an_unpaired_input() -> None:
     with pytest.raises(ResidualError, match="expand_streams\\(x, 2\\)"):
         resi_dual_residual(_mlp(), D)(torch.randn(3, D))
+
+
+class _NoValues(nn.Linear):
+    def forward(self, x: Tensor, first_values: Tensor | None = None) -> Tensor:
+        return super().forward(x)
+
+
+def test_misuse_of_the_depth_parts_raises_a_clear_error() -> None:
+    with pytest.raises(TypeError, match="must return \\(output, values\\)"):
+        DepthStack([_NoValues(D, D)], values=True)(torch.randn(2, D))  # not unpacked as rows
+    block = ValueResidualGPTBlock(16, 2)
+    _, v = block(torch.randn(2, 5, 16))
+    with pytest.raises(ResidualError, match="first_values \\(2, 2, 5, 8\\) do not match"):
+        block(torch.randn(1, 5, 16), first_values=v)
+    with pytest.raises(ResidualError, match="two logits"):
+        LaurelRW(init=(0.0, 0.0, 0.0))  # type: ignore[arg-type]

@@ -341,7 +341,11 @@ class ValueResidualAttention(nn.Module):
             x = self.norm(x)
         check_sequence("ValueResidualAttention", x, attn.d_model)
         q, k, v = split_heads(attn.in_proj(x), attn.nhead, True).unbind(0)
-        mixed = v if first_values is None else self.lam * v + (1.0 - self.lam) * first_values
+        if first_values is None:
+            mixed = v
+        else:
+            _check_values(v, first_values)
+            mixed = self.lam * v + (1.0 - self.lam) * first_values
         mask, causal = sdpa_mask(None, None, False, attn.causal, x, attn.nhead)
         out = F.scaled_dot_product_attention(
             q,
@@ -355,6 +359,18 @@ class ValueResidualAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"lam={self.lam}"
+
+
+def _check_values(v: Tensor, first: Tensor) -> None:
+    """Raise unless the first layer's values have this layer's shape (no broadcast). FX leaf."""
+    with _branch.shape_checks():
+        same = bool(v.shape == first.shape)
+    if not same:
+        raise ResidualError(
+            f"ValueResidualAttention: first_values {tuple(first.shape)} do not match this "
+            f"layer's values {tuple(v.shape)}; pass the values the first layer returned for the "
+            "same batch"
+        )
 
 
 class _Activation(nn.Module):
@@ -425,5 +441,5 @@ class FeedForward(nn.Module):
         return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
 
 
-for _name in ("sdpa_mask", "check_sequence", "split_heads", "merge_heads"):
+for _name in ("sdpa_mask", "check_sequence", "split_heads", "merge_heads", "_check_values"):
     torch.fx.wrap(_name)
