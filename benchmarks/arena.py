@@ -64,18 +64,26 @@ class Config:
     context: int = 64
     batch: int = 16  # char windows per step (digits: 64 images, 16 tokens each)
     char_steps: int = 200
-    digits_steps: int = 150
+    digits_steps: int = 250
     lr: float = 2e-3
     evals: int = 8  # validation points on each curve
     streams: int = 4
     seeds: int = 3
     drop_path: float = 0.1
     timing_rounds: int = 7
+    timing_calls: int = 3
 
 
 FULL = Config()
 QUICK = Config(
-    d_model=32, layers=2, char_steps=40, digits_steps=40, evals=2, seeds=1, timing_rounds=2
+    d_model=32,
+    layers=2,
+    char_steps=40,
+    digits_steps=40,
+    evals=2,
+    seeds=1,
+    timing_rounds=2,
+    timing_calls=2,
 )
 
 
@@ -431,22 +439,27 @@ def train_one(
 
 
 def step_time_ratios(task: Task, names: list[str], cfg: Config) -> dict[str, dict[str, float]]:
-    """Train-step seconds of each variant, interleaved with the others in this process; the
-    ratio to pre-norm is the median over rounds of the paired per-round ratios."""
-    gen = torch.Generator().manual_seed(0)
-    x, y = task.batch(cfg, gen)
-    candidates = {}
+    """Train-step milliseconds of each variant, timed in pairs with pre-norm in this process
+    (alternating within each pair, :func:`_timing.interleaved`); the ratio is the median over
+    rounds of the per-round ratios to pre-norm, so drifts of the machine cancel."""
+    x, y = task.batch(cfg, torch.Generator().manual_seed(0))
+    steps: dict[str, Callable[[], object]] = {}
     for name in names:
         drop = cfg.drop_path if name.startswith("stochastic-depth") else 0.0
-        base = name.split(":", 1)[1] if drop else name
-        model = make_model(task, base, cfg, 0, drop).train()
+        model = make_model(task, name.split(":")[-1], cfg, 0, drop).train()
         _, step = _step_fn(task, model, cfg, 10**6)
-        candidates[name] = lambda step=step: step(x, y)
-    timings = interleaved(candidates, rounds=cfg.timing_rounds, calls=2, warmup=1)
-    plain = timings["pre-norm"]
-    return {
-        n: {"step_ms": t.median * 1e3, "ratio": t.paired_ratio(plain)} for n, t in timings.items()
-    }
+        steps[name] = lambda step=step: step(x, y)  # type: ignore[misc]
+    out: dict[str, dict[str, float]] = {}
+    plain_rounds: list[float] = []
+    for name in names:
+        if name == "pre-norm":
+            continue
+        pair = {"pre-norm": steps["pre-norm"], name: steps[name]}
+        t = interleaved(pair, rounds=cfg.timing_rounds, calls=cfg.timing_calls, warmup=1)
+        plain_rounds += t["pre-norm"].rounds
+        out[name] = {"step_ms": t[name].median * 1e3, "ratio": t[name].paired_ratio(t["pre-norm"])}
+    plain_ms = statistics.median(plain_rounds) * 1e3 if plain_rounds else float("nan")
+    return {"pre-norm": {"step_ms": plain_ms, "ratio": 1.0}, **out}
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

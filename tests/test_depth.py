@@ -87,6 +87,25 @@ def test_laurel_rw_lr_composes_in_one_residual() -> None:
     torch.testing.assert_close(block(x), alpha * fn(x) + beta * (x + (x @ s.down.t()) @ s.up.t()))
 
 
+def test_laurel_rw_lr_traces_with_fx_and_passes_gradcheck() -> None:
+    block = Residual(_mlp(), shortcut=LowRankShortcut(D, 2), merge=LaurelRW()).double()
+    _perturb(block)
+    x = torch.randn(3, D, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(torch.fx.symbolic_trace(block)(x), block(x))
+    assert torch.autograd.gradcheck(block, (x,))
+    params = (block.merge.logits, block.shortcut.down, block.shortcut.up)
+
+    def by_params(logits: Tensor, down: Tensor, up: Tensor) -> Tensor:
+        alpha, beta = logits.softmax(0)
+        return alpha * block.fn(x) + beta * (x + (x @ down.t()) @ up.t())
+
+    leaves = [p.detach().clone().requires_grad_() for p in params]
+    torch.autograd.backward(by_params(*leaves).sin().sum())
+    block(x).sin().sum().backward()
+    for p, ref in zip(params, leaves, strict=True):  # the parameters' gradients, as the formula's
+        torch.testing.assert_close(p.grad, ref.grad)
+
+
 def test_low_rank_shortcut_refuses_bad_sizes() -> None:
     with pytest.raises(ResidualError, match="rank=9 is larger than dim=8"):
         LowRankShortcut(8, 9)
