@@ -319,7 +319,7 @@ class CharTask(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, cfg: Config, final: bool) -> dict[str, float]:
         """Bits per character over non-overlapping windows: all of the validation split when
-        ``final``, else its first 64 windows (the curves)."""
+        ``final``, else its first 64 windows (4,096 characters: the curves)."""
         model.eval()
         n = (len(self.val) - 1) // cfg.context
         n = n if final else min(n, 64)
@@ -409,23 +409,26 @@ def _step_fn(
 def train_one(
     task: Task, name: str, cfg: Config, seed: int, drop_path: float = 0.0
 ) -> dict[str, Any]:
-    """Train one variant with one seed; the batches depend on the seed only."""
+    """Train one variant with one seed; the batches depend on the seed only.
+
+    ``initial`` / ``final``: the metrics on the whole validation set before and after training;
+    ``curve``: (step, metric) on the curve's subset (the same points throughout, from step 0).
+    """
     steps = cfg.char_steps if task.name == "char" else cfg.digits_steps
     model = make_model(task, name, cfg, seed, drop_path).train()
     _, step = _step_fn(task, model, cfg, steps)
     gen = torch.Generator().manual_seed(1000 + seed)
     at = sorted({round(steps * (k + 1) / cfg.evals) for k in range(cfg.evals)})
     initial = task.evaluate(model, cfg, final=True)
-    curve = [(0, initial[task.metric])]
+    curve = [(0, task.evaluate(model, cfg, final=False)[task.metric])]
     losses: list[float] = []
     start = time.perf_counter()
     for i in range(1, steps + 1):
         losses.append(step(*task.batch(cfg, gen)))
-        if i in at and i != steps:
+        if i in at:
             curve.append((i, task.evaluate(model, cfg, final=False)[task.metric]))
     seconds = time.perf_counter() - start
     final = task.evaluate(model, cfg, final=True)
-    curve.append((steps, final[task.metric]))
     return {
         "seed": seed,
         "initial": initial,
