@@ -22,12 +22,14 @@ with a linear stochastic-depth schedule up to ``--drop-path``.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -523,15 +525,18 @@ def plot(result: dict[str, Any], path: str) -> None:
         print("matplotlib is not installed (pip install residual[examples]); no figure")
         return
     tasks = result["tasks"]
+    # Results written before every curve point was on the subset end on the whole split: drop it.
+    last = None if "curves" in result else -1
     fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 5), squeeze=False)
     for ax, (task_name, res) in zip(axes[0], tasks.items(), strict=True):
         order = sorted(res["variants"], key=lambda n: res["variants"][n]["mean"][res["metric"]])
         cmap = plt.get_cmap("tab20")
         for k, name in enumerate(order):
             runs = res["variants"][name]["runs"]
-            steps = [s for s, _ in runs[0]["curve"]][1:]
+            steps = [s for s, _ in runs[0]["curve"][1:last]]
             mean = [
-                statistics.fmean(r["curve"][i][1] for r in runs) for i in range(1, len(steps) + 1)
+                statistics.fmean(v for _, v in points)
+                for points in zip(*(r["curve"][1:last] for r in runs), strict=True)
             ]
             style = "-" if k < 10 else "--"
             ax.plot(steps, mean, style, color=cmap(k % 20), label=name, linewidth=1.4)
@@ -561,7 +566,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--context", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--from-json", default=None, help="print and plot saved results only")
     args = parser.parse_args(argv)
+    if args.from_json:
+        saved: dict[str, Any] = json.loads(Path(args.from_json).read_text())
+        table(saved)
+        if args.png:
+            plot(saved, args.png)
+        return saved
     torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else FULL
     overrides = {
@@ -587,6 +599,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": machine(),
         "command": "python benchmarks/arena.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "skipped": skipped,
+        "curves": "validation metric on the first 4,096 characters (char) / the test set (digits)",
         "tasks": {},
     }
     for task_name in args.tasks.split(","):
