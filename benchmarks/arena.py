@@ -544,7 +544,7 @@ def plot(result: dict[str, Any], path: str) -> None:
         ax.set_xlabel("step")
         ax.set_ylabel(res["metric"])
         finals = [res["variants"][n]["mean"][res["metric"]] for n in order]
-        ax.set_ylim(min(finals) * 0.95, max(finals) * 1.6)
+        ax.set_ylim(min(finals) * 0.97, max(finals) * 1.25)
         ax.legend(fontsize=7, ncol=2)
         ax.grid(alpha=0.3)
     fig.tight_layout()
