@@ -4,6 +4,7 @@ The top level holds what a residual block is made of; more lives in the submodul
 ``residual.merges`` (``Add``, ``deepnorm_scales``), ``residual.shortcuts``
 (``resolve_shortcut``), ``residual.drop`` (the policies, ``linear_drop_rates``),
 ``residual.models`` (the zoo), ``residual.hyper``, ``residual.reversible``,
+``residual.depth``, ``residual.resi_dual``,
 ``residual.diagnostics``, ``residual.distributed`` and ``residual.interop``.
 
 >>> import torch
@@ -54,6 +55,7 @@ __all__ = [
 
 _SUBMODULES = (
     "blocks",
+    "depth",
     "diagnostics",
     "distributed",
     "drop",
@@ -61,6 +63,7 @@ _SUBMODULES = (
     "interop",
     "merges",
     "models",
+    "resi_dual",
     "reversible",
     "shortcuts",
 )

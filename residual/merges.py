@@ -27,6 +27,7 @@ __all__ = [
     "DeepNormScales",
     "GRUGate",
     "HighwayGate",
+    "LaurelRW",
     "LayerScale",
     "ReZero",
     "ScaledAdd",
@@ -241,6 +242,30 @@ class GRUGate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.dim}, layout={self.layout!r}"
+
+
+class LaurelRW(nn.Module):
+    """LAuReL-RW (Menghani et al., ICML 2025): ``alpha * branch + beta * shortcut``, learned.
+
+    ``(alpha, beta) = softmax(logits)``: the paper normalises its two learned residual weights
+    with a softmax so that they cannot grow without bound. The logits start at ``init`` (0, 0:
+    ``alpha = beta = 1/2``). With :class:`~residual.shortcuts.LowRankShortcut` as the shortcut
+    this is LAuReL-RW+LR: ``alpha f(x) + beta (x + B A x)``.
+
+    >>> import torch
+    >>> LaurelRW()(torch.ones(2), torch.full((2,), 3.0))  # (1 + 3) / 2 at init
+    tensor([2., 2.], grad_fn=<AddBackward0>)
+    """
+
+    def __init__(self, init: tuple[float, float] = (0.0, 0.0)) -> None:
+        super().__init__()
+        if len(init) != 2:
+            raise ResidualError(f"LaurelRW: init holds the two logits (alpha, beta), got {init}")
+        self.logits = nn.Parameter(torch.tensor([float(v) for v in init]))  # (alpha, beta)
+
+    def forward(self, shortcut: Tensor, branch: Tensor) -> Tensor:
+        alpha, beta = self.logits.softmax(0).to(branch.dtype).unbind()
+        return alpha * branch + beta * shortcut
 
 
 def check_merge_fits(merge: nn.Module, branch: nn.Module) -> None:

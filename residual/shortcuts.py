@@ -26,6 +26,7 @@ from residual.errors import ResidualError
 
 __all__ = [
     "IdentityShortcut",
+    "LowRankShortcut",
     "NoShortcut",
     "PooledProjectionShortcut",
     "ProjectionShortcut",
@@ -120,6 +121,47 @@ class IdentityShortcut(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x
+
+
+class LowRankShortcut(nn.Module):
+    """LAuReL-LR (Menghani et al., ICML 2025): ``S(x) = x + A B x``, a learned rank-r map added.
+
+    ``B`` (rank, dim) starts at zero and ``A`` (dim, rank) column-orthogonal, as the paper, so
+    the shortcut is exactly the identity at init and learns a low-rank correction; channels
+    last (..., dim). ``Residual(fn, shortcut=LowRankShortcut(d, r))`` is LAuReL-LR; with the
+    merge :class:`~residual.merges.LaurelRW` it is LAuReL-RW+LR.
+
+    Args:
+        dim: channels of the stream; rank: r (the paper uses r << dim, e.g. 16-64).
+
+    >>> import torch
+    >>> s = LowRankShortcut(8, rank=2)
+    >>> x = torch.randn(3, 8)
+    >>> bool(torch.equal(s(x), x))  # the identity at init
+    True
+    """
+
+    def __init__(self, dim: int, rank: int) -> None:
+        super().__init__()
+        self.dim = check_positive_int("LowRankShortcut", "dim", dim)
+        self.rank = check_positive_int("LowRankShortcut", "rank", rank)
+        if rank > dim:
+            raise ResidualError(
+                f"LowRankShortcut: rank={rank} is larger than dim={dim}; use rank <= {dim}"
+            )
+        self.down = nn.Parameter(torch.zeros(rank, dim))  # B
+        self.up = nn.Parameter(nn.init.orthogonal_(torch.empty(dim, rank)))  # A
+
+    def low_rank(self, x: Tensor) -> Tensor:
+        """``A B x`` alone (LAuReL-PA's ``h``)."""
+        _check_channels("LowRankShortcut", x, self.dim, "channels_last")
+        return (x @ self.down.t()) @ self.up.t()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.low_rank(x)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, rank={self.rank}"
 
 
 class NoShortcut(nn.Module):

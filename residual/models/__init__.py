@@ -1,7 +1,12 @@
 """The model zoo: every model is a composition of :class:`~residual.Residual` blocks."""
 
 from residual.interop.torchvision import load_torchvision, to_torchvision_state_dict
-from residual.models.attention import AttentionBranch, FeedForward, SelfAttention
+from residual.models.attention import (
+    AttentionBranch,
+    FeedForward,
+    SelfAttention,
+    ValueResidualAttention,
+)
 from residual.models.cifar import CifarResNet, cifar_resnet
 from residual.models.mlp import MLPMixer, ResidualMLP, mlp_block
 from residual.models.recurrent import ResidualLSTM
@@ -15,7 +20,12 @@ from residual.models.resnet import (
     resnext50_32x4d,
     wide_resnet50_2,
 )
-from residual.models.transformer import CausalTransformerLM, TransformerEncoderLayer, gpt_block
+from residual.models.transformer import (
+    CausalTransformerLM,
+    TransformerEncoderLayer,
+    ValueResidualGPTBlock,
+    gpt_block,
+)
 
 __all__ = [
     "AttentionBranch",
@@ -28,6 +38,8 @@ __all__ = [
     "ResidualMLP",
     "SelfAttention",
     "TransformerEncoderLayer",
+    "ValueResidualAttention",
+    "ValueResidualGPTBlock",
     "cifar_resnet",
     "gpt_block",
     "load_torchvision",

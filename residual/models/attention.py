@@ -22,7 +22,13 @@ from residual import _branch
 from residual._types import check_positive_int
 from residual.errors import ResidualError
 
-__all__ = ["AttentionBranch", "FeedForward", "SelfAttention", "resolve_activation"]
+__all__ = [
+    "AttentionBranch",
+    "FeedForward",
+    "SelfAttention",
+    "ValueResidualAttention",
+    "resolve_activation",
+]
 
 
 def _additive(mask: Tensor, dtype: torch.dtype, name: str) -> Tensor:
@@ -289,6 +295,84 @@ class AttentionBranch(nn.Module):
         return self.dropout(self.attention(x, attn_mask, key_padding_mask, is_causal))
 
 
+class ValueResidualAttention(nn.Module):
+    """Value residual learning (ResFormer, Zhou et al. 2024): an attention branch whose values
+    are mixed with the first layer's, ``V' = lam * V + (1 - lam) * V_1``.
+
+    ``forward(x, first_values=None)`` returns ``(dropout(attention(norm(x))), V)``: the branch
+    output and this layer's own (unmixed) values, (N, heads, L, head_dim). The first layer gets
+    ``first_values=None`` and attends with its own values; later layers get the first layer's.
+    ``lam = 0.5`` as the paper; ``lam = 1`` is the plain attention. Inside a
+    :class:`~residual.Residual` the values pass through (the tuple rule); a
+    :class:`~residual.depth.DepthStack` with ``values=True`` carries them across blocks.
+    Batch-first (N, L, d_model) input; the weights are :class:`SelfAttention`'s.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> attn = ValueResidualAttention(SelfAttention(16, 4, causal=True), nn.LayerNorm(16))
+    >>> out, v1 = attn(torch.randn(2, 5, 16))
+    >>> out.shape, v1.shape
+    (torch.Size([2, 5, 16]), torch.Size([2, 4, 5, 4]))
+    >>> attn(torch.randn(2, 5, 16), first_values=v1)[0].shape
+    torch.Size([2, 5, 16])
+    """
+
+    def __init__(
+        self,
+        attention: SelfAttention,
+        norm: nn.Module | None = None,
+        *,
+        lam: float = 0.5,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not attention.batch_first:
+            raise ResidualError(
+                "ValueResidualAttention: needs a batch-first SelfAttention (batch_first=True)"
+            )
+        self.norm = norm
+        self.attention = attention
+        self.dropout = nn.Dropout(dropout)
+        self.lam = float(lam)
+
+    def forward(self, x: Tensor, first_values: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        attn = self.attention
+        if self.norm is not None:
+            x = self.norm(x)
+        check_sequence("ValueResidualAttention", x, attn.d_model)
+        q, k, v = split_heads(attn.in_proj(x), attn.nhead, True).unbind(0)
+        if first_values is None:
+            mixed = v
+        else:
+            _check_values(v, first_values)
+            mixed = self.lam * v + (1.0 - self.lam) * first_values
+        mask, causal = sdpa_mask(None, None, False, attn.causal, x, attn.nhead)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            mixed,
+            attn_mask=mask,
+            dropout_p=attn.dropout if self.training else 0.0,
+            is_causal=causal,
+        )
+        return self.dropout(attn.out_proj(merge_heads(out, x, True))), v
+
+    def extra_repr(self) -> str:
+        return f"lam={self.lam}"
+
+
+def _check_values(v: Tensor, first: Tensor) -> None:
+    """Raise unless the first layer's values have this layer's shape (no broadcast). FX leaf."""
+    with _branch.shape_checks():
+        same = bool(v.shape == first.shape)
+    if not same:
+        raise ResidualError(
+            f"ValueResidualAttention: first_values {tuple(first.shape)} do not match this "
+            f"layer's values {tuple(v.shape)}; pass the values the first layer returned for the "
+            "same batch"
+        )
+
+
 class _Activation(nn.Module):
     """A module around an activation function (a top-level function, so it pickles)."""
 
@@ -357,5 +441,5 @@ class FeedForward(nn.Module):
         return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
 
 
-for _name in ("sdpa_mask", "check_sequence", "split_heads", "merge_heads"):
+for _name in ("sdpa_mask", "check_sequence", "split_heads", "merge_heads", "_check_values"):
     torch.fx.wrap(_name)

@@ -25,11 +25,17 @@ from residual.models.attention import (
     AttentionBranch,
     FeedForward,
     SelfAttention,
+    ValueResidualAttention,
     _Activation,
     check_sequence,
 )
 
-__all__ = ["CausalTransformerLM", "TransformerEncoderLayer", "gpt_block"]
+__all__ = [
+    "CausalTransformerLM",
+    "TransformerEncoderLayer",
+    "ValueResidualGPTBlock",
+    "gpt_block",
+]
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -336,6 +342,50 @@ def gpt_block(
             drop_path=drop_path,
         ),
     )
+
+
+class ValueResidualGPTBlock(nn.Module):
+    """:func:`gpt_block` with value residual learning (ResFormer, Zhou et al. 2024).
+
+    ``x = x + SA_causal(LN(x); V' = lam V + (1 - lam) V_1); x = x + MLP_gelu(LN(x))``: two
+    residuals, the attention branch a :class:`ValueResidualAttention`. ``forward(x,
+    first_values=None)`` returns ``(x, V)``, this block's values; stack the blocks in a
+    :class:`~residual.depth.DepthStack` with ``values=True``, which hands the first block's
+    values to the others. With ``lam=1`` it computes what :func:`gpt_block` computes;
+    ``causal=False`` makes it an encoder layer (bidirectional attention).
+
+    >>> import torch
+    >>> from residual.depth import DepthStack
+    >>> stack = DepthStack([ValueResidualGPTBlock(16, 2) for _ in range(3)], values=True)
+    >>> stack(torch.randn(2, 5, 16)).shape
+    torch.Size([2, 5, 16])
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int | None = None,
+        dropout: float = 0.0,
+        *,
+        lam: float = 0.5,
+        bias: bool = True,
+        drop_path: float = 0.0,
+        causal: bool = True,
+    ) -> None:
+        super().__init__()
+        hidden = dim_feedforward or 4 * d_model
+        attention = SelfAttention(d_model, nhead, dropout, bias, causal=causal)
+        branch = ValueResidualAttention(attention, nn.LayerNorm(d_model), lam=lam, dropout=dropout)
+        self.attn = Residual(branch, drop_path=drop_path)
+        self.ff = Residual(
+            FeedForward(d_model, hidden, dropout, "gelu", bias, nn.LayerNorm(d_model)),
+            drop_path=drop_path,
+        )
+
+    def forward(self, x: Tensor, first_values: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        x, values = self.attn(x, first_values=first_values)
+        return self.ff(x), values
 
 
 def _check_token_ids(idx: Tensor, max_len: int) -> None:
