@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import os
 import re
 import subprocess
 import sys
@@ -112,6 +113,22 @@ def test_api_reference_covers_every_public_module() -> None:
     top = (ROOT / "docs" / "api" / "residual.md").read_text()
     for name in residual.__all__:
         assert f"`{name}`" in top, f"docs/api/residual.md does not list residual.{name}"
+
+
+def test_api_reference_renders_every_public_name(tmp_path: Path) -> None:
+    pytest.importorskip("mkdocstrings", reason="needs the 'docs' extra: pip install -e '.[docs]'")
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    pages = "".join(page.read_text() for page in (tmp_path / "api").rglob("*.html"))
+    for module in ["core", "errors", *residual._SUBMODULES]:
+        for name in importlib.import_module(f"residual.{module}").__all__:
+            assert f'id="residual.{module}.{name}"' in pages, f"residual.{module}.{name}"
 
 
 def test_every_page_is_in_the_nav() -> None:
