@@ -11,7 +11,8 @@ A table lives between two markers in any Markdown file of the project::
 from what its results file says, or names a table this script does not know
 (``tests/test_docs.py`` runs the check). To add a table: a function below that reads one or
 more results files and returns a :class:`Table`, registered in ``TABLES``; then put its markers
-where it belongs.
+where it belongs. ``examples(pattern)`` tabulates the examples' results files
+(``examples/results/<pattern>.json``) without more code.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+EXAMPLE_RESULTS = ROOT / "examples" / "results"
 BLOCK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.DOTALL)
 MIB = 2**20
 
@@ -253,6 +255,45 @@ def torchvision_parity() -> Table:
     )
 
 
+# -- examples: one results file per run, {"command", "threads", "seed", "torch", "metrics"} -----
+
+
+def metric(name: str, value: float) -> str:
+    if "accuracy" in name:
+        return f"{value:.2%}"
+    if name.endswith("seconds"):
+        return f"{value:.1f} s"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.4g}"
+
+
+def examples(pattern: str) -> Table:
+    """Rows from ``examples/results/<pattern>.json``: a row per run, a column per metric."""
+    paths = sorted(EXAMPLE_RESULTS.glob(f"{pattern}.json"))
+    if not paths:
+        raise KeyError(f"no results files examples/results/{pattern}.json; run the example")
+    runs = [json.loads(path.read_text()) for path in paths]
+    names = list(runs[0]["metrics"])
+    rows = []
+    for run in runs:
+        arguments = run["command"].split(" ", 2)[2:] or ["(defaults)"]
+        rows.append([f"`{arguments[0]}`"] + [metric(k, run["metrics"][k]) for k in names])
+    return Table(
+        sources=[
+            (
+                run["command"],
+                f"torch {run['torch']}, {run['threads']} thread(s), seed {run['seed']}",
+            )
+            for run in runs
+        ],
+        header=["arguments"] + [name.replace("_", " ") for name in names],
+        rows=rows,
+        note="Wall times depend on the machine that ran the command; the other figures are "
+        "reproduced by the same command with the same thread count.",
+    )
+
+
 TABLES: dict[str, Callable[[], Table]] = {
     "overhead_cpu": lambda: overhead(["overhead_cpu_core2"], "eager", ()),
     "overhead_cpu_compiled": lambda: overhead(
@@ -272,6 +313,8 @@ TABLES: dict[str, Callable[[], Table]] = {
     "degradation": degradation,
     "gradient_flow": gradient_flow,
     "torchvision_parity": torchvision_parity,
+    # Tables of the examples' results files (examples/results/*.json), e.g.
+    # "train_digits": lambda: examples("train_digits_*"), once those files exist.
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import json
 import os
 import re
 import subprocess
@@ -89,18 +90,44 @@ def test_tables_match_their_results_files() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_table_check_fails_on_an_edited_figure(tmp_path: Path) -> None:
+def docs_script(name: str):  # docs/*.py are scripts, not modules of the package
     sys.path.insert(0, str(ROOT / "docs"))
     try:
-        gen_tables = importlib.import_module("gen_tables")
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "docs"))
+
+
+def test_table_check_fails_on_an_edited_figure() -> None:
+    gen_tables = docs_script("gen_tables")
     page = ROOT / "docs" / "benchmarks.md"
     text = page.read_text()
     assert gen_tables.render(text, page) == text
     edited = re.sub(r"\| 0\.9(\d\d)", r"| 0.8\1", text, count=1)
     assert edited != text
     assert gen_tables.render(edited, page) == text
+
+
+def test_examples_results_become_a_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gen_tables = docs_script("gen_tables")
+    monkeypatch.setattr(gen_tables, "EXAMPLE_RESULTS", tmp_path)
+    monkeypatch.setitem(gen_tables.TABLES, "digits", lambda: gen_tables.examples("digits_*"))
+    for model, accuracy in (("mlp", 0.991667), ("resnet", 0.994444)):
+        run = {
+            "command": f"python examples/train_digits.py --model {model}",
+            "threads": 1,
+            "seed": 0,
+            "torch": "2.13.0+cpu",
+            "metrics": {"test_accuracy": accuracy, "parameters": 269434, "train_seconds": 65.7},
+        }
+        (tmp_path / f"digits_{model}.json").write_text(json.dumps(run))
+    page = tmp_path / "page.md"
+    table = gen_tables.render("<!-- table: digits -->\nstale\n<!-- /table -->\n", page)
+    assert "| `--model resnet` | 99.44% | 269,434 | 65.7 s |" in table
+    assert "`python examples/train_digits.py --model mlp` (torch 2.13.0+cpu, 1 thread(s)" in table
+    monkeypatch.setitem(gen_tables.TABLES, "digits", lambda: gen_tables.examples("missing_*"))
+    with pytest.raises(KeyError, match="no results files"):
+        gen_tables.render("<!-- table: digits -->\n<!-- /table -->\n", page)
 
 
 def test_api_reference_covers_every_public_module() -> None:
@@ -140,11 +167,7 @@ def test_every_page_is_in_the_nav() -> None:
 
 def test_docstring_fencing_for_the_api_reference() -> None:
     pytest.importorskip("griffe", reason="needs the 'docs' extra: pip install -e '.[docs]'")
-    sys.path.insert(0, str(ROOT / "docs"))
-    try:
-        module = importlib.import_module("griffe_doctests")
-    finally:
-        sys.path.remove(str(ROOT / "docs"))
+    module = docs_script("griffe_doctests")
     assert not doctest.testmod(module, optionflags=FLAGS).failed
     fenced = module.fence_doctests("```python\n>>> 1\n```\n>>> 2\n2")
     assert fenced == "```python\n>>> 1\n```\n```pycon\n>>> 2\n2\n```"
