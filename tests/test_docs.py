@@ -172,3 +172,19 @@ def test_docstring_fencing_for_the_api_reference() -> None:
     fenced = module.fence_doctests("```python\n>>> 1\n```\n>>> 2\n2")
     assert fenced == "```python\n>>> 1\n```\n```pycon\n>>> 2\n2\n```"
     assert module.ROLE.sub(r"`\1`", ":class:`~torch.nn.Linear`") == "`torch.nn.Linear`"
+
+
+def test_install_advice_names_the_distribution() -> None:
+    """``pip install 'NAME[extra]'`` hints use pyproject's name (PyPI refuses torch-residual)."""
+    name = re.search(r'^name = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert name is not None and name.group(1) == "pytorch-residual"
+    files = [ROOT / "README.md", ROOT / "conftest.py", *PAGES]
+    for folder in ("residual", "tests", "examples", "benchmarks"):
+        files += (ROOT / folder).rglob("*.py")
+    files.remove(Path(__file__))
+    stale = [
+        str(f.relative_to(ROOT))
+        for f in files
+        if re.search(r"(?<!py)torch-residual", f.read_text())
+    ]
+    assert not stale, f"'torch-residual' in {stale}: the distribution is {name.group(1)}"
