@@ -66,6 +66,7 @@ _SUBMODULES = (
     "resi_dual",
     "reversible",
     "shortcuts",
+    "streams",
 )
 
 

@@ -166,7 +166,7 @@ def plot_gradient_flow(
         from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover - depends on the extra
         raise ImportError(
-            "plot_gradient_flow needs matplotlib: pip install 'torch-residual[examples]'"
+            "plot_gradient_flow needs matplotlib: pip install 'pytorch-residual[examples]'"
         ) from e
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
