@@ -248,3 +248,21 @@ def test_missing_safetensors_names_the_extra(
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     with pytest.raises(ImportError, match=r'pip install "torch-residual\[io\]"'):
         load_pretrained(tmp_path)
+
+
+def test_a_builder_that_cannot_run_on_meta_is_checked_on_the_cpu(tmp_path: Path) -> None:
+    class ReadsValues(nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.fn = nn.Linear(width, width)
+            self.scale = nn.Parameter(torch.ones(int(self.fn.weight.abs().sum().item() > -1)))
+
+    model = ReadsValues(3)
+    save_pretrained(model, tmp_path, builder="R", kwargs={"width": 3}, builders={"R": ReadsValues})
+    assert torch.equal(
+        load_pretrained(tmp_path, builders={"R": ReadsValues}).fn.weight, model.fn.weight
+    )
+    with pytest.raises(ResidualError, match="does not build this model"):
+        save_pretrained(
+            model, tmp_path, builder="R", kwargs={"width": 4}, builders={"R": ReadsValues}
+        )
