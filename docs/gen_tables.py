@@ -313,8 +313,11 @@ TABLES: dict[str, Callable[[], Table]] = {
     "degradation": degradation,
     "gradient_flow": gradient_flow,
     "torchvision_parity": torchvision_parity,
-    # Tables of the examples' results files (examples/results/*.json), e.g.
-    # "train_digits": lambda: examples("train_digits_*"), once those files exist.
+    # Tables of the examples' results files (examples/results/*.json).
+    "train_digits": lambda: examples("train_digits_*"),
+    "ddp_digits": lambda: examples("ddp_digits_*"),
+    "hyper_digits": lambda: examples("hyper_digits"),
+    "char_lm": lambda: examples("char_lm_*"),
 }
 
 

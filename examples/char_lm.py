@@ -3,11 +3,18 @@ docstrings. Reports validation bits per character beside a unigram baseline, and
 
     python examples/char_lm.py                 # GPT-style pre-norm causal Transformer
     python examples/char_lm.py --model lstm    # residual LSTM stack
+
+Trains a fixed number of --steps (default 300; --seconds adds a time budget, which makes the
+result depend on the machine's speed). The models are residual.models.CausalTransformerLM and
+residual.models.LSTMLanguageModel. Writes the results file (--json, default
+examples/results/char_lm_<model>.json): {"example", "command", "threads", "seed", "torch",
+"metrics": {"val_bits_per_char", "unigram_bits_per_char", "steps", "characters",
+"vocab_size", "train_seconds"}}. With the same --seed, --steps and --threads the figures are
+the same on every run.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import inspect
 import math
@@ -15,10 +22,17 @@ import time
 
 import torch
 import torch.nn.functional as F
+from reproducible import (
+    add_reproducibility_arguments,
+    make_reproducible,
+    parser,
+    results_path,
+    write_results,
+)
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from residual.models import CausalTransformerLM, ResidualLSTM
+from residual.models import CausalTransformerLM, LSTMLanguageModel
 
 STDLIB_MODULES = (
     "argparse", "collections", "contextlib", "csv", "dataclasses", "datetime", "decimal",
@@ -38,19 +52,6 @@ def stdlib_text() -> str:
             if doc and doc not in parts[-50:]:
                 parts.append(doc)
     return "\n\n".join(parts)
-
-
-class CharLSTM(nn.Module):
-    """Embedding, a residual LSTM stack, a linear head over characters."""
-
-    def __init__(self, vocab: int, hidden: int = 256, layers: int = 3) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, hidden)
-        self.lstm = ResidualLSTM(hidden, hidden, layers, residual_from=1)
-        self.head = nn.Linear(hidden, vocab)
-
-    def forward(self, idx: Tensor) -> Tensor:
-        return self.head(self.lstm(self.embed(idx))[0])
 
 
 def batches(
@@ -94,16 +95,18 @@ def sample(model: nn.Module, prompt: Tensor, length: int, context: int) -> Tenso
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=("transformer", "lstm"), default="transformer")
-    parser.add_argument("--seconds", type=float, default=45.0, help="training time budget")
-    parser.add_argument("--steps", type=int, default=2000, help="at most this many steps")
-    parser.add_argument("--context", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args()
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    args_parser = parser(__doc__)
+    args_parser.add_argument("--model", choices=("transformer", "lstm"), default="transformer")
+    args_parser.add_argument("--steps", type=int, default=300, help="training steps")
+    args_parser.add_argument(
+        "--seconds", type=float, default=None, help="optional training time budget"
+    )
+    args_parser.add_argument("--context", type=int, default=64, help="characters per sequence")
+    args_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_reproducibility_arguments(args_parser, "char_lm_<model>.json")
+    args = args_parser.parse_args()
+    make_reproducible(args.seed, args.threads)
+    budget = math.inf if args.seconds is None else args.seconds
 
     text = stdlib_text()
     chars = sorted(set(text))
@@ -118,14 +121,14 @@ def main() -> None:
     if args.model == "transformer":
         model = CausalTransformerLM(vocab, d_model=128, nhead=4, num_layers=4, max_len=args.context)
     else:
-        model = CharLSTM(vocab)
+        model = LSTMLanguageModel(vocab)
     print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     gen = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     bar = tqdm(total=args.steps, disable=args.no_progress, unit="step")
     step = 0
-    while step < args.steps and time.perf_counter() - start < args.seconds:
+    while step < args.steps and time.perf_counter() - start < budget:
         model.train()
         x, y = batches(train, args.context, 32, gen)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
@@ -144,6 +147,16 @@ def main() -> None:
     print(f"validation: {bpc:.3f} bits/char (unigram baseline {baseline:.3f} bits/char)")
     prompt = torch.tensor([lookup[c] for c in "Return the "], dtype=torch.long)
     print("sample:", repr("".join(chars[i] for i in sample(model, prompt, 200, args.context))))
+    metrics = {
+        "val_bits_per_char": round(bpc, 4),
+        "unigram_bits_per_char": round(baseline, 4),
+        "steps": step,
+        "characters": len(text),
+        "vocab_size": vocab,
+        "train_seconds": round(seconds, 1),
+    }
+    path = results_path(args.json, f"char_lm_{args.model}")
+    write_results(path, "char_lm", args.seed, metrics)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ The top level holds what a residual block is made of; more lives in the submodul
 (``resolve_shortcut``), ``residual.drop`` (the policies, ``linear_drop_rates``),
 ``residual.models`` (the zoo), ``residual.hyper``, ``residual.reversible``,
 ``residual.depth``, ``residual.resi_dual``,
-``residual.diagnostics``, ``residual.distributed`` and ``residual.interop``.
+``residual.diagnostics``, ``residual.distributed``, ``residual.interop`` and
+``residual.pretrained`` (checkpoints: ``save_pretrained`` / ``load_pretrained``).
 
 >>> import torch
 >>> from torch import nn
@@ -22,6 +23,7 @@ from residual.core import Residual
 from residual.drop import apply_drop_schedule, drop_path
 from residual.errors import ResidualError
 from residual.merges import GRUGate, HighwayGate, LayerScale, ReZero, ScaledAdd
+from residual.pretrained import load_pretrained, save_pretrained
 from residual.shortcuts import (
     IdentityShortcut,
     NoShortcut,
@@ -51,6 +53,8 @@ __all__ = [
     "__version__",
     "apply_drop_schedule",
     "drop_path",
+    "load_pretrained",
+    "save_pretrained",
 ]
 
 _SUBMODULES = (
@@ -63,6 +67,7 @@ _SUBMODULES = (
     "interop",
     "merges",
     "models",
+    "pretrained",
     "resi_dual",
     "reversible",
     "shortcuts",

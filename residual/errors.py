@@ -28,16 +28,37 @@ class ResidualError(ValueError):
 
 
 def check_module(caller: str, name: str, value: object) -> None:
-    """Raise a TypeError naming the argument unless ``value`` is an ``nn.Module``.
+    """Raise a TypeError naming the argument unless ``value`` is an ``nn.Module`` instance.
+
+    A module class given where an instance belongs (``Residual(nn.Linear)``) gets a message
+    that shows the call with an instance.
 
     >>> check_module("Residual", "fn", len)
     Traceback (most recent call last):
     TypeError: Residual: fn must be a torch.nn.Module, got builtin_function_or_method; wrap a function in an nn.Module (lambdas cannot be pickled)
+    >>> from torch import nn
+    >>> check_module("Residual", "fn", nn.Linear)
+    Traceback (most recent call last):
+    TypeError: Residual: fn must be a module instance, got the class nn.Linear; create one first: Residual(nn.Linear(...))
     """  # noqa: E501
     from torch import nn
 
+    if isinstance(value, type) and issubclass(value, nn.Module):
+        cls = _class_name(value)
+        call = f"{cls}(...)" if name == "fn" else f"..., {name}={cls}(...)"
+        raise TypeError(
+            f"{caller}: {name} must be a module instance, got the class {cls}; create one "
+            f"first: {caller}({call})"
+        )
     if not isinstance(value, nn.Module):
         hint = "; wrap a function in an nn.Module (lambdas cannot be pickled)" * callable(value)
         raise TypeError(
             f"{caller}: {name} must be a torch.nn.Module, got {type(value).__name__}{hint}"
         )
+
+
+def _class_name(cls: type) -> str:
+    """``nn.Linear`` for torch's layers, the plain class name otherwise."""
+    if cls.__module__.startswith("torch.nn.modules."):
+        return f"nn.{cls.__name__}"
+    return cls.__name__

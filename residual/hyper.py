@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from residual._types import Layout, check_layout, check_positive_int
 from residual.core import Residual
-from residual.errors import ResidualError
+from residual.errors import ResidualError, check_module
 from residual.streams import (
     FracBranch,
     FracMix,
@@ -169,6 +169,7 @@ class HyperBranch(nn.Module):
         layout: Layout = "channels_last",
     ) -> None:
         super().__init__()
+        check_module("HyperBranch", "fn", fn)
         self.streams = check_positive_int("HyperBranch", "streams", streams)
         self.dim = check_positive_int("HyperBranch", "dim", dim)
         self.layout = check_layout("HyperBranch", layout)
@@ -229,6 +230,7 @@ def hyper_residual(
     >>> h.shape, reduce_streams(h, 4).shape
     (torch.Size([8, 8]), torch.Size([2, 8]))
     """
+    check_module("hyper_residual", "fn", fn)
     if isinstance(streams, int) and not isinstance(streams, bool) and streams < 1:
         raise ResidualError(f"hyper_residual: streams must be >= 1, got {streams}")
     branch = HyperBranch(fn, streams, dim, layer_index=layer_index, dynamic=dynamic, layout=layout)

@@ -32,7 +32,7 @@ from torch.func import functional_call
 from residual._checkpoint import FrozenNormStats
 from residual._dims import read_branch_dims
 from residual._types import Layout, check_layout
-from residual.errors import ResidualError
+from residual.errors import ResidualError, check_module
 
 __all__ = ["Reversible", "ReversibleSequence"]
 
@@ -78,8 +78,7 @@ class Reversible(nn.Module):
     def __init__(self, f: nn.Module, g: nn.Module, *, layout: Layout = "channels_last") -> None:
         super().__init__()
         for name, m in (("f", f), ("g", g)):
-            if not isinstance(m, nn.Module):
-                raise TypeError(f"Reversible: {name} must be an nn.Module, got {type(m).__name__}")
+            check_module("Reversible", name, m)
             dims = read_branch_dims(m)
             if dims is not None and (dims.in_channels != dims.out_channels or dims.stride != 1):
                 raise ResidualError(

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from residual import _branch
 from residual._dims import read_branch_dims
 from residual._types import Layout, ModuleFactory, check_layout, check_positive_int
-from residual.errors import ResidualError
+from residual.errors import ResidualError, check_module
 
 __all__ = [
     "IdentityShortcut",
@@ -387,6 +387,8 @@ def resolve_shortcut(
         return spec
     if spec is None:
         spec = "auto"
+    if isinstance(spec, type):
+        check_module("Residual", "shortcut", spec)  # a module class: asks for an instance
     if not isinstance(spec, str):
         raise TypeError(
             f"shortcut must be a name {SHORTCUTS} or an nn.Module, got {type(spec).__name__}"

@@ -626,3 +626,45 @@ def test_repr_lists_only_existing_parts() -> None:
     block.set_drop_path(0.0)
     assert "None" not in repr(block) and "drop" not in repr(block)
     assert block.drop is None and block.merge is None and block.pre is None
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Residual(nn.Linear(4, 4)),
+        lambda: Residual(nn.Linear(4, 4), post=nn.ReLU(), drop_path=0.1),
+        lambda: residual.PreActBlock(4, 8, stride=2),
+        lambda: residual.models.cifar_resnet(8),
+        lambda: residual.models.resnet18(),
+        lambda: residual.models.CausalTransformerLM(10, 8, 2, 1, 8),
+        lambda: residual.models.TransformerEncoderLayer(8, 2),
+        lambda: residual.models.HyperPatchTransformer(2, 8, 1, 2),
+        lambda: residual.hyper.hyper_residual(nn.Linear(4, 4), 2, 4, dynamic=False),
+        lambda: residual.models.ResidualLSTM(4, 4, 2),
+    ],
+    ids=[
+        "plain",
+        "post-drop",
+        "preact",
+        "cifar",
+        "resnet18",
+        "gpt",
+        "encoder",
+        "hyper-model",
+        "hyper-static",
+        "lstm",
+    ],
+)
+def test_print_model_lists_no_unset_parts(build) -> None:
+    """``print(model)`` shows the parts that are set; unset ones (pre, merge, post) are absent."""
+    text = repr(build())
+    assert "None" not in text
+    assert "(fn):" in text or "(blocks):" in text or "(layers):" in text
+
+
+def test_removing_a_part_removes_it_from_the_printout_and_the_state_dict() -> None:
+    block = Residual(nn.Linear(4, 4), post=nn.LayerNorm(4))
+    assert "(post): LayerNorm" in repr(block) and "post.weight" in block.state_dict()
+    block.post = None
+    assert "post" not in repr(block) and "post.weight" not in block.state_dict()
+    assert block.post is None

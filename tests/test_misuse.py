@@ -30,6 +30,7 @@ from residual import (
     apply_drop_schedule,
 )
 from residual.drop import linear_drop_rates
+from residual.hyper import hyper_residual
 from residual.merges import deepnorm_scales
 from residual.models import (
     MLPMixer,
@@ -41,6 +42,7 @@ from residual.models import (
     resnet18,
     resnet50,
 )
+from residual.reversible import Reversible
 from residual.shortcuts import resolve_shortcut
 
 
@@ -95,6 +97,41 @@ CATALOGUE: list[Misuse] = [
         lambda: Residual(lambda x: x),
         TypeError,
         "wrap a function in an nn.Module",
+    ),
+    Misuse(
+        "fn-class",
+        "a module class instead of an instance as the branch",
+        lambda: Residual(nn.Linear),
+        TypeError,
+        r"fn must be a module instance, got the class nn.Linear; create one first: Residual\(nn.Linear\(\.\.\.\)\)",
+    ),
+    Misuse(
+        "post-class",
+        "a module class as post",
+        lambda: Residual(nn.Linear(4, 4), post=nn.ReLU),
+        TypeError,
+        r"create one first: Residual\(\.\.\., post=nn.ReLU\(\.\.\.\)\)",
+    ),
+    Misuse(
+        "shortcut-class",
+        "a module class as the shortcut",
+        lambda: Residual(nn.Linear(4, 4), shortcut=nn.Identity),
+        TypeError,
+        r"shortcut must be a module instance, got the class nn.Identity",
+    ),
+    Misuse(
+        "hyper-class",
+        "a module class as a hyper-connected branch",
+        lambda: hyper_residual(nn.Linear, 2, 4),
+        TypeError,
+        r"create one first: hyper_residual\(nn.Linear\(\.\.\.\)\)",
+    ),
+    Misuse(
+        "reversible-class",
+        "a module class as one of a reversible block's functions",
+        lambda: Reversible(nn.Linear(2, 2), nn.Linear),
+        TypeError,
+        r"Reversible: g must be a module instance, got the class nn.Linear",
     ),
     Misuse(
         "post-function",

@@ -31,6 +31,8 @@ PUBLIC = [
     "__version__",
     "apply_drop_schedule",
     "drop_path",
+    "load_pretrained",
+    "save_pretrained",
 ]
 
 
@@ -58,6 +60,7 @@ def test_top_level_names_are_pinned() -> None:
         "residual.diagnostics",
         "residual.models",
         "residual.interop",
+        "residual.pretrained",
     ],
 )
 def test_every_public_module_has_a_sorted_all(module: str) -> None:
@@ -125,6 +128,24 @@ def test_the_top_level_stays_small_and_submodules_load_on_use() -> None:
         residual.nope  # noqa: B018
 
 
+def test_every_submodule_loads_as_an_attribute_in_a_fresh_interpreter() -> None:
+    """``import residual; residual.hyper``: nothing imported the submodules before."""
+    names = sorted(residual._SUBMODULES)
+    code = (
+        "import sys, residual\n"
+        f"for name in {names!r}:\n"
+        "    sys.modules.pop('residual.' + name, None)\n"
+        "    delattr(residual, name) if name in vars(residual) else None\n"
+        "    module = getattr(residual, name)\n"
+        "    assert module.__name__ == 'residual.' + name, module\n"
+        "    assert all(hasattr(module, n) for n in module.__all__), name\n"
+        "print('ok', len(" + repr(names) + "))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == f"ok {len(names)}"
+
+
 DOCUMENTED_MODULES = [
     "residual",
     "residual.drop",
@@ -140,6 +161,7 @@ DOCUMENTED_MODULES = [
     "residual.diagnostics",
     "residual.interop",
     "residual.blocks",
+    "residual.pretrained",
 ]
 
 

@@ -154,7 +154,9 @@ def test_errors() -> None:
         Reversible(nn.Identity(), nn.Identity())(torch.randn(2, 7))
     with pytest.raises(ResidualError, match=r"f turned a half of shape \(2, 3\) into \(2, 1\)"):
         Reversible(FirstChannel(), nn.Identity())(torch.randn(2, 6))
-    with pytest.raises(TypeError, match="f must be an nn.Module"):
+    with pytest.raises(
+        TypeError, match="Reversible: f must be a torch.nn.Module, got builtin_function_or_method"
+    ):
         Reversible(torch.tanh, nn.Identity())
     with pytest.raises(TypeError, match="block 0 is Linear, not Reversible"):
         ReversibleSequence(nn.Linear(2, 2))

@@ -20,6 +20,12 @@ from residual.models.resnet import (
     resnext50_32x4d,
     wide_resnet50_2,
 )
+from residual.models.small import (
+    HyperPatchTransformer,
+    LSTMLanguageModel,
+    PatchTransformer,
+    RowLSTM,
+)
 from residual.models.transformer import (
     CausalTransformerLM,
     TransformerEncoderLayer,
@@ -32,10 +38,14 @@ __all__ = [
     "CausalTransformerLM",
     "CifarResNet",
     "FeedForward",
+    "HyperPatchTransformer",
+    "LSTMLanguageModel",
     "MLPMixer",
+    "PatchTransformer",
     "ResNet",
     "ResidualLSTM",
     "ResidualMLP",
+    "RowLSTM",
     "SelfAttention",
     "TransformerEncoderLayer",
     "ValueResidualAttention",

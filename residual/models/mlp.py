@@ -78,11 +78,15 @@ def mlp_block(dim: int, hidden: int, dropout: float = 0.0, drop_path: float = 0.
 class ResidualMLP(nn.Module):
     """``Linear`` stem, ``depth`` pre-norm MLP residuals, LayerNorm, linear head.
 
-    Input (N, in_features) -> (N, num_classes). ``drop_path`` is the stochastic depth rate of
-    the deepest block, decayed linearly to the first; ``drop_mode`` as :class:`Residual`.
+    Input (N, in_features) -> (N, num_classes); with ``flatten=True`` any (N, *) input whose
+    trailing dimensions hold ``in_features`` values (an image). ``drop_path`` is the stochastic
+    depth rate of the deepest block, decayed linearly to the first; ``drop_mode`` as
+    :class:`Residual`.
 
     >>> import torch
     >>> ResidualMLP(64, 10, dim=32, depth=3)(torch.randn(4, 64)).shape
+    torch.Size([4, 10])
+    >>> ResidualMLP(64, 10, dim=32, depth=3, flatten=True)(torch.randn(4, 1, 8, 8)).shape
     torch.Size([4, 10])
     """
 
@@ -97,9 +101,11 @@ class ResidualMLP(nn.Module):
         dropout: float = 0.0,
         drop_path: float = 0.0,
         drop_mode: DropMode = "row",
+        flatten: bool = False,
     ) -> None:
         super().__init__()
         check_positive_int("ResidualMLP", "depth", depth)
+        self.flatten = bool(flatten)
         check_drop_rate("ResidualMLP", drop_path)
         self.stem = nn.Linear(in_features, dim)
         self.blocks = nn.Sequential(
@@ -110,7 +116,12 @@ class ResidualMLP(nn.Module):
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.flatten:
+            x = x.flatten(1)
         return self.head(self.norm(self.blocks(self.stem(x))))
+
+    def extra_repr(self) -> str:
+        return "flatten=True" if self.flatten else ""
 
 
 class MLPMixer(nn.Module):

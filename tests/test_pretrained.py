@@ -1,0 +1,268 @@
+"""Checkpoint folders: save_pretrained / load_pretrained (safetensors + config.json)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import residual
+from residual import ResidualError, load_pretrained, save_pretrained
+from residual.pretrained import CONFIG_NAME, WEIGHTS_NAME
+
+pytest.importorskip("safetensors", reason="checkpoints need the 'io' extra (safetensors)")
+
+# builder, kwargs, input: small instances of every family the examples save.
+CASES: dict[str, tuple[str, dict[str, Any], torch.Tensor]] = {
+    "cifar_resnet": ("cifar_resnet", {"depth": 8, "in_channels": 1}, torch.randn(2, 1, 8, 8)),
+    "ResidualMLP": (
+        "ResidualMLP",
+        {"in_features": 64, "num_classes": 10, "dim": 16, "depth": 2, "flatten": True},
+        torch.randn(2, 1, 8, 8),
+    ),
+    "PatchTransformer": ("PatchTransformer", {"d_model": 16, "layers": 1}, torch.randn(2, 1, 8, 8)),
+    "HyperPatchTransformer": (
+        "HyperPatchTransformer",
+        {"streams": 2, "d_model": 16, "layers": 1},
+        torch.randn(2, 1, 8, 8),
+    ),
+    "RowLSTM": ("RowLSTM", {"hidden": 16, "layers": 2}, torch.randn(2, 1, 8, 8)),
+    "CausalTransformerLM": (
+        "CausalTransformerLM",
+        {"vocab_size": 20, "d_model": 16, "nhead": 2, "num_layers": 1, "max_len": 8},
+        torch.randint(0, 20, (2, 8)),
+    ),
+    "ResidualBlock": (
+        "ResidualBlock",
+        {"in_channels": 4, "out_channels": 8, "stride": 2},
+        torch.randn(2, 4, 6, 6),
+    ),
+}
+
+
+def _trained(builder: str, kwargs: dict[str, Any]) -> nn.Module:
+    """A model whose weights and BatchNorm statistics differ from a fresh build's."""
+    from residual.pretrained import _builders
+
+    torch.manual_seed(1)
+    model = _builders(None)[builder](**kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.normal_()
+    return model.eval()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_round_trip_gives_identical_outputs(case: str, tmp_path: Path) -> None:
+    builder, kwargs, x = CASES[case]
+    model = _trained(builder, kwargs)
+    save_pretrained(model, tmp_path / "ckpt", builder=builder, kwargs=kwargs)
+    torch.manual_seed(2)  # the reloaded model must not depend on the RNG
+    again = load_pretrained(tmp_path / "ckpt")
+    assert type(again) is type(model)
+    assert not again.training
+    assert torch.equal(again(x), model(x))
+    for (k, a), (k2, b) in zip(again.state_dict().items(), model.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b), k
+
+
+def _save_small(folder: Path) -> nn.Module:
+    model = _trained("PatchTransformer", {"d_model": 16, "layers": 1})
+    save_pretrained(model, folder, builder="PatchTransformer", kwargs={"d_model": 16, "layers": 1})
+    return model
+
+
+def test_folder_layout_modes_and_no_leftovers(tmp_path: Path) -> None:
+    folder = tmp_path / "a" / "b"  # parents are created
+    _save_small(folder)
+    _save_small(folder)  # overwriting replaces both files
+    assert sorted(os.listdir(folder)) == [CONFIG_NAME, WEIGHTS_NAME]  # no temporary files left
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o644, name
+
+
+def test_config_json_content(tmp_path: Path) -> None:
+    import hashlib
+
+    _save_small(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert config == {
+        "builder": "PatchTransformer",
+        "format": "residual.pretrained",
+        "format_version": 1,
+        "kwargs": {"d_model": 16, "layers": 1},
+        "residual_version": residual.__version__,
+        "sha256": hashlib.sha256((tmp_path / WEIGHTS_NAME).read_bytes()).hexdigest(),
+        "torch_version": torch.__version__,
+        "weights": WEIGHTS_NAME,
+    }
+
+
+def test_weights_are_safetensors_not_pickle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import load_file
+
+    def no_pickle(*args: object, **kwargs: object) -> None:
+        raise AssertionError("pickle used")
+
+    monkeypatch.setattr(pickle, "loads", no_pickle)
+    monkeypatch.setattr(pickle, "load", no_pickle)
+    monkeypatch.setattr(torch, "load", no_pickle)
+    monkeypatch.setattr(torch, "save", no_pickle)
+    model = _save_small(tmp_path)
+    again = load_pretrained(tmp_path)
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(again(x), model(x))
+    raw = (tmp_path / WEIGHTS_NAME).read_bytes()
+    assert not raw.startswith(b"PK") and b"\x80\x02" not in raw[:16]  # neither zip nor pickle
+    assert set(load_file(tmp_path / WEIGHTS_NAME)) == set(model.state_dict())
+
+
+def test_user_builders(tmp_path: Path) -> None:
+    class Tiny(nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.block = residual.Residual(nn.Linear(width, width))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.block(x)
+
+    model = Tiny(4)
+    save_pretrained(model, tmp_path, builder="Tiny", kwargs={"width": 4}, builders={"Tiny": Tiny})
+    x = torch.randn(3, 4)
+    assert torch.equal(load_pretrained(tmp_path, builders={"Tiny": Tiny})(x), model(x))
+    with pytest.raises(
+        ResidualError, match=r"unknown builder 'Tiny'.*builders=\{'Tiny': YourModel\}"
+    ):
+        load_pretrained(tmp_path)
+
+
+def test_corrupted_weights_are_refused(tmp_path: Path) -> None:
+    _save_small(tmp_path)
+    path = tmp_path / WEIGHTS_NAME
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the last tensor
+    path.write_bytes(bytes(data))
+    with pytest.raises(ResidualError, match="does not match the SHA-256 in config.json"):
+        load_pretrained(tmp_path)
+    path.write_bytes(bytes(data[: len(data) // 2]))  # a truncated copy
+    with pytest.raises(ResidualError, match="does not match the SHA-256"):
+        load_pretrained(tmp_path)
+
+
+def test_malformed_weights_with_a_matching_hash_are_refused(tmp_path: Path) -> None:
+    import hashlib
+
+    _save_small(tmp_path)
+    garbage = b"not a safetensors file"
+    (tmp_path / WEIGHTS_NAME).write_bytes(garbage)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    config["sha256"] = hashlib.sha256(garbage).hexdigest()
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ResidualError, match="model.safetensors is not readable"):
+        load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("missing", [CONFIG_NAME, WEIGHTS_NAME])
+def test_missing_file(tmp_path: Path, missing: str) -> None:
+    _save_small(tmp_path)
+    (tmp_path / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=f"{missing} is missing"):
+        load_pretrained(tmp_path)
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        load_pretrained(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda c: c.update(builder="resnet9000"), "unknown builder 'resnet9000'"),
+        (lambda c: c.update(builder="load_torchvision"), "unknown builder 'load_torchvision'"),
+        (lambda c: c.pop("format"), "not a residual checkpoint config"),
+        (lambda c: c.update(format_version=2), "format_version 2; this residual reads 1"),
+        (lambda c: c.update(kwargs=[1, 2]), "'kwargs' must be a JSON object"),
+        (lambda c: c["kwargs"].update(d_model=32), "do not fit PatchTransformer"),
+    ],
+    ids=[
+        "unknown-builder",
+        "not-a-builder",
+        "no-format",
+        "future-version",
+        "kwargs-list",
+        "wrong-kwargs",
+    ],
+)
+def test_bad_config_is_named(tmp_path: Path, edit: Any, match: str) -> None:
+    _save_small(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    edit(config)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ResidualError, match=match):
+        load_pretrained(tmp_path)
+
+
+def test_config_that_is_not_json(tmp_path: Path) -> None:
+    _save_small(tmp_path)
+    (tmp_path / CONFIG_NAME).write_text("{builder: ")
+    with pytest.raises(ResidualError, match="config.json is not valid JSON"):
+        load_pretrained(tmp_path)
+
+
+def test_save_checks_the_config_builds_the_model(tmp_path: Path) -> None:
+    model = _trained("PatchTransformer", {"d_model": 16, "layers": 1})
+    with pytest.raises(
+        ResidualError,
+        match=r"PatchTransformer\(\*\*\{'d_model': 16, 'layers': 2\}\) does not build",
+    ):
+        save_pretrained(
+            model, tmp_path, builder="PatchTransformer", kwargs={"d_model": 16, "layers": 2}
+        )
+    with pytest.raises(ResidualError, match="unknown builder 'PatchTransformr'"):
+        save_pretrained(model, tmp_path, builder="PatchTransformr", kwargs={})
+    with pytest.raises(ResidualError, match="kwargs must hold JSON values only"):
+        save_pretrained(model, tmp_path, builder="PatchTransformer", kwargs={"norm": nn.LayerNorm})
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        save_pretrained(model.state_dict(), tmp_path, builder="PatchTransformer")  # type: ignore[arg-type]
+    assert not list(tmp_path.iterdir())  # nothing written by a refused save
+
+
+def test_missing_safetensors_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(ImportError, match=r'pip install "pytorch-residual\[io\]"'):
+        load_pretrained(tmp_path)
+
+
+def test_a_builder_that_cannot_run_on_meta_is_checked_on_the_cpu(tmp_path: Path) -> None:
+    class ReadsValues(nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.fn = nn.Linear(width, width)
+            self.scale = nn.Parameter(torch.ones(int(self.fn.weight.abs().sum().item() > -1)))
+
+    model = ReadsValues(3)
+    save_pretrained(model, tmp_path, builder="R", kwargs={"width": 3}, builders={"R": ReadsValues})
+    assert torch.equal(
+        load_pretrained(tmp_path, builders={"R": ReadsValues}).fn.weight, model.fn.weight
+    )
+    with pytest.raises(ResidualError, match="does not build this model"):
+        save_pretrained(
+            model, tmp_path, builder="R", kwargs={"width": 4}, builders={"R": ReadsValues}
+        )
