@@ -46,7 +46,8 @@ def sinkhorn(logits: Tensor, iters: int = 20) -> Tensor:
     sum 1, in turn, ``iters`` times (rows first, columns last).
 
     The result is non-negative; its columns sum to 1 (to rounding) and its rows to within the
-    convergence after ``iters`` rounds. Differentiable: backward runs through every round.
+    convergence after ``iters`` rounds. Differentiable once: the backward runs through every
+    round, written out (a gradient of the gradient raises instead).
 
     Raises:
         ResidualError: ``logits`` is not a (batch of) square matrix, or ``iters < 1``.
