@@ -6,6 +6,8 @@ frac-connections). Train step = forward + backward + AdamW step, all variants in
 process (medians of rounds, ratios to plain per round). Activation memory: the bytes of the
 tensors autograd saves in one forward (``saved_tensors_hooks``, each storage once, parameters
 left out). lucidrains' rows need ``pip install hyper-connections`` (the ``peers`` extra).
+``--compile NAME ...`` adds those variants under ``torch.compile`` (copies of the eager models),
+timed in the same rounds, each compiled row's ratio taken to compiled plain.
 
     python benchmarks/streams_cost.py --quick
     python benchmarks/streams_cost.py --json benchmarks/results/streams_cost_cpu.json
@@ -14,6 +16,7 @@ left out). lucidrains' rows need ``pip install hyper-connections`` (the ``peers`
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 from collections.abc import Callable
 
@@ -135,6 +138,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", nargs="*", default=None, help="variant names to run")
+    parser.add_argument(
+        "--compile", nargs="*", default=[], help="variants also run under torch.compile"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -147,14 +153,20 @@ def main() -> None:
     if args.only:
         models = {k: v for k, v in models.items() if k == "plain" or k in args.only}
     x = torch.randn(args.batch, args.tokens, args.dim)
-    memory = {name: saved_bytes(m, x) for name, m in models.items()}
+    memory = {name: saved_bytes(m, x) for name, m in models.items()}  # eager only
+    if args.compile:
+        for name in ["plain", *(k for k in args.compile if k != "plain")]:
+            models[f"{name} (compiled)"] = torch.compile(copy.deepcopy(models[name]))
     timings = interleaved(
         {name: train_step(m, x) for name, m in models.items()},
         rounds=3 if args.quick else args.rounds,
         calls=1,
         warmup=1 if args.quick else 2,
     )
-    plain = timings["plain"]
+
+    def baseline(name: str) -> str:
+        return "plain (compiled)" if name.endswith("(compiled)") else "plain"
+
     rows = []
     for name in models:
         t = timings[name]
@@ -162,9 +174,9 @@ def main() -> None:
             [
                 name,
                 ms(t.median),
-                f"{t.paired_ratio(plain):.3f}",
-                f"{memory[name] / 2**20:.1f}",
-                f"{memory[name] / memory['plain']:.2f}",
+                f"{t.paired_ratio(timings[baseline(name)]):.3f}",
+                f"{memory[name] / 2**20:.1f}" if name in memory else "-",
+                f"{memory[name] / memory['plain']:.2f}" if name in memory else "-",
                 f"{sum(p.numel() for p in models[name].parameters()):,}",
             ]
         )
@@ -178,7 +190,9 @@ def main() -> None:
             "machine": info,
             "config": vars(args),
             "step_s": {k: v.median for k, v in timings.items()},
-            "time_ratio_to_plain": {k: v.paired_ratio(plain) for k, v in timings.items()},
+            "time_ratio_to_plain": {
+                k: v.paired_ratio(timings[baseline(k)]) for k, v in timings.items()
+            },
             "activation_bytes": memory,
             "rounds": {k: v.rounds for k, v in timings.items()},
         },

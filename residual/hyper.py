@@ -50,6 +50,7 @@ from residual.streams._fold import (
     layer_normed_matmul,
     native,
     per_stream,
+    token_mix,
 )
 
 __all__ = [
@@ -135,7 +136,7 @@ class StreamMix(nn.Module):
         mix = along_streams(self.mix, last) + self.dynamic(last)  # (n, N, ..., n): row i
         if self.streams == 1:  # a scale of the one stream: exactly x when it is 1
             return h * native(mix, self.layout).flatten(0, 1)
-        mixed = torch.einsum("i...j,i...c->j...c", mix, last)
+        mixed = token_mix(mix.movedim(0, -1), last)  # matrix[..., j, i] = mix[i, ..., j]
         return native(mixed, self.layout).flatten(0, 1)
 
     def extra_repr(self) -> str:
@@ -238,5 +239,11 @@ def hyper_residual(
     return Residual(branch, shortcut=mix, post=post, drop_path=drop_path)
 
 
-for _name in ("along_streams", "check_branch_shape", "check_stream_batch"):
+for _name in (
+    "along_streams",
+    "check_branch_shape",
+    "check_stream_batch",
+    "layer_normed_matmul",
+    "token_mix",
+):
     torch.fx.wrap(_name)

@@ -194,3 +194,20 @@ def test_errors() -> None:
         MHCBranch(nn.Linear(4, 2), 2, 4)(torch.randn(4, 4))
     with pytest.raises(ResidualError, match="pass h"):
         MHCMix(2, 4).matrix()
+
+
+@pytest.mark.parametrize("shape", [(3, 3), (2, 5, 4, 4)], ids=["static", "per-token"])
+def test_sinkhorn_matches_the_unrolled_iterations(shape: tuple[int, ...]) -> None:
+    logits = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    m = torch.exp(logits - logits.amax(-1, keepdim=True).detach())
+    for _ in range(6):
+        m = m / m.sum(-1, keepdim=True)
+        m = m / m.sum(-2, keepdim=True)
+    grad = torch.randn(*shape, dtype=torch.float64)
+    out = sinkhorn(logits, 6)
+    torch.testing.assert_close(out, m)
+    (expected,) = torch.autograd.grad(m, logits, grad)
+    (got,) = torch.autograd.grad(out, logits, grad, create_graph=True)
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(RuntimeError, match="grad"):  # backward written out: no second order
+        torch.autograd.grad(got.sum(), logits)

@@ -172,4 +172,5 @@ def frac_residual(
     return Residual(branch, shortcut=mix, post=post, drop_path=drop_path)
 
 
-torch.fx.wrap("check_branch_shape")
+for _name in ("check_branch_shape", "layer_normed_matmul"):
+    torch.fx.wrap(_name)
