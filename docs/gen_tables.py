@@ -313,12 +313,37 @@ TABLES: dict[str, Callable[[], Table]] = {
     "degradation": degradation,
     "gradient_flow": gradient_flow,
     "torchvision_parity": torchvision_parity,
+    "arena_char": lambda: arena("char"),
+    "arena_digits": lambda: arena("digits"),
     # Tables of the examples' results files (examples/results/*.json).
     "train_digits": lambda: examples("train_digits_*"),
     "ddp_digits": lambda: examples("ddp_digits_*"),
     "hyper_digits": lambda: examples("hyper_digits"),
     "char_lm": lambda: examples("char_lm_*"),
 }
+
+
+def arena(task: str) -> Table:
+    """One task of ``benchmarks/arena.py``: variants ranked by the task's metric (lower first)."""
+    run = load("arena_cpu")
+    res = run["tasks"][task]
+    metrics = list(next(iter(res["variants"].values()))["mean"])
+    order = sorted(res["variants"], key=lambda n: res["variants"][n]["mean"][res["metric"]])
+    rows = [
+        [
+            name,
+            *(f"{v['mean'][m]:.4f} ± {v['std'][m]:.4f}" for m in metrics),
+            f"{v['params']:,}",
+            f"{v['ratio']:.2f}x",
+        ]
+        for name, v in ((n, res["variants"][n]) for n in order)
+    ]
+    return Table(
+        sources=[(run["command"], describe(run["machine"]))],
+        header=["variant", *(f"{m} (mean ± std)" for m in metrics), "params", "step time"],
+        rows=rows,
+        note=f"{run['config']['seeds']} seeds; step time: train step / pre-norm's, same process.",
+    )
 
 
 def markdown_files() -> Iterator[Path]:
