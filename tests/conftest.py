@@ -17,10 +17,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
-# Tests that hand our code to a compiler (dynamo, export, TorchScript). Mutation runs
+# Tests that hand our code to a compiler (dynamo, export, TorchScript's script; jit.trace runs
+# the Python code and traces through mutmut's trampolines). Mutation runs
 # (.ci/mutation.py) deselect them with `-m "not compiles"`: mutmut's trampolines around every
 # function are not traceable, so these would fail on every mutant and count as kills.
-_COMPILES = re.compile(r"torch\.compile|torch\.export|torch\.jit|torch\.onnx|_dynamo")
+_COMPILES = re.compile(r"torch\.compile|torch\.export|torch\.onnx|_dynamo|jit\.script")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import io
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from conftest import MySelfAttention
 from residual import (
@@ -259,3 +260,85 @@ def test_no_broadcasting_ever() -> None:
 
     with pytest.raises(ResidualError, match=r"\(4, 1\) does not match shortcut output \(4, 3\)"):
         Residual(Squeeze())(torch.randn(4, 3))
+
+
+# -- The combinator's contract, pinned exactly (each test kills mutants of Residual.forward and
+#    the checks it calls; see .ci/mutation.py --quick) ------------------------------------------
+
+
+class _Weighted(nn.Module):
+    """A merge that tells its arguments apart: 2 * shortcut + 3 * branch."""
+
+    def forward(self, shortcut: Tensor, branch: Tensor) -> Tensor:
+        return 2 * shortcut + 3 * branch
+
+
+def test_merge_gets_shortcut_then_branch() -> None:
+    fn = nn.Linear(4, 4)
+    x = torch.randn(3, 4)
+    block = Residual(fn, merge=_Weighted())
+    torch.testing.assert_close(block(x), 2 * x + 3 * fn(x), atol=0, rtol=0)
+
+
+class _Pair(nn.Module):
+    def forward(self, x: Tensor) -> Any:
+        return ["not", "a tensor"] if x.sum() > 1e9 else ("first", x)
+
+
+def test_main_input_errors_name_the_fix_exactly() -> None:
+    block = Residual(nn.Linear(4, 4))
+    with pytest.raises(TypeError) as err:
+        block([1.0, 2.0])
+    assert str(err.value) == (
+        "Residual: the first argument must be the main tensor, got list; "
+        "call block(x, *args, **kwargs)"
+    )
+    with pytest.raises(TypeError) as err:
+        block(torch.ones(2, 4, dtype=torch.int64))
+    assert str(err.value) == (
+        "Residual: the main tensor must be floating point, got torch.int64; convert it "
+        "(x.float()) or embed token ids first (nn.Embedding) and wrap what follows"
+    )
+
+
+def test_branch_output_errors_name_the_branch_exactly() -> None:
+    with pytest.raises(TypeError) as err:
+        Residual(_Pair())(torch.randn(2, 4))
+    assert str(err.value) == (
+        "Residual: branch _Pair returned a tuple not led by a tensor; it must return a tensor, "
+        "or a tuple whose first element is the tensor to add (the rest is passed through)"
+    )
+    with pytest.raises(TypeError, match=r"^Residual: branch _Pair returned list; it must"):
+        Residual(_Pair())(torch.full((2, 4), 1e9))
+
+
+def test_shape_mismatch_names_the_shortcut() -> None:
+    with pytest.raises(ResidualError, match=r"\(IdentityShortcut\); "):
+        Residual(nn.Linear(4, 5))(torch.randn(2, 4))
+
+
+def test_a_block_traced_alone_runs_and_refuses_extra_args_exactly() -> None:
+    fn = nn.Linear(4, 4)
+    traced = torch.fx.symbolic_trace(Residual(fn))
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(traced(x), x + fn(x), atol=0, rtol=0)
+    message = (
+        "Residual: this block was traced with torch.fx.symbolic_trace on its own, which records "
+        "the branch called with the main tensor only, but it got {} extra positional and {} "
+        "keyword argument(s); trace a module that passes them to the block instead"
+    )
+    with pytest.raises(TypeError) as err:
+        traced(x, torch.ones(2))
+    assert str(err.value) == message.format(1, 0)
+    with pytest.raises(TypeError) as err:
+        traced(x, mask=torch.ones(2))
+    assert str(err.value) == message.format(0, 1)
+
+
+def test_shapes_are_checked_under_jit_trace_too() -> None:
+    fn = nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    traced = torch.jit.trace(Residual(fn), (x,))  # matching shapes trace without an error
+    torch.testing.assert_close(traced(x), x + fn(x))
+    with pytest.raises(ResidualError, match="does not match shortcut output"):
+        torch.jit.trace(Residual(nn.Linear(4, 5)), (x,))
