@@ -338,8 +338,11 @@ def arena(task: str) -> Table:
         ]
         for name, v in ((n, res["variants"][n]) for n in order)
     ]
+    sources = [(run["command"], describe(run["machine"]))]
+    if "added" in run:  # variants trained later by the same script with the same config
+        sources.append((run["added"]["command"], describe(run["added"]["machine"])))
     return Table(
-        sources=[(run["command"], describe(run["machine"]))],
+        sources=sources,
         header=["variant", *(f"{m} (mean ± std)" for m in metrics), "params", "step time"],
         rows=rows,
         note=f"{run['config']['seeds']} seeds; step time: train step / pre-norm's, same process.",

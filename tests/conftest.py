@@ -17,11 +17,14 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
-# Tests that hand our code to a compiler (dynamo, export, TorchScript's script; jit.trace runs
-# the Python code and traces through mutmut's trampolines). Mutation runs
-# (.ci/mutation.py) deselect them with `-m "not compiles"`: mutmut's trampolines around every
-# function are not traceable, so these would fail on every mutant and count as kills.
-_COMPILES = re.compile(r"torch\.compile|torch\.export|torch\.onnx|_dynamo|jit\.script")
+# Tests that hand our code to a compiler or a symbolic tracer (dynamo, export, ONNX, TorchScript's
+# script, torch.fx). Mutation runs (.ci/mutation.py) deselect them with `-m "not compiles"`:
+# mutmut wraps every function in a trampoline that these cannot trace, so they would fail on
+# every mutant and count as kills. (jit.trace runs the Python code and stays in.)
+_COMPILES = re.compile(
+    r"torch\.compile|torch\.export|torch\.onnx|_dynamo|jit\.script|symbolic_trace|torch\.fx"
+)
+_COMPILING_MODULES = {"test_compile.py", "test_export.py", "test_fx.py"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -31,7 +34,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         fn = getattr(item, "function", None)
-        if fn is not None and _COMPILES.search(inspect.getsource(fn)):
+        if fn is None:
+            continue
+        if item.path.name in _COMPILING_MODULES or _COMPILES.search(inspect.getsource(fn)):
             item.add_marker(pytest.mark.compiles)
 
 
