@@ -4,6 +4,8 @@
     python .ci/mutation.py --groups core,drop   # some groups
     python .ci/mutation.py --quick              # the core's combinator only (CI runs this)
     python .ci/mutation.py --groups merges --table docs/mutation.md   # update the table
+    python .ci/mutation.py --groups drop --json out.json                # survivors' diffs
+    python .ci/mutation.py --groups drop --rerun out.json   # only those survivors, again
 
 Each group mutates a few modules and runs only the tests that exercise them (mutmut narrows
 that further to the tests that call the mutated function). A mutant is *killed* when a test
@@ -25,7 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -87,7 +89,12 @@ GROUPS = (
     Group(
         "blocks",
         ("residual/blocks/*",),
-        ("tests/test_blocks.py", "tests/test_models_cnn.py", "tests/test_golden.py"),
+        (
+            "tests/test_blocks.py",
+            "tests/test_blocks_nd.py",
+            "tests/test_models_cnn.py",
+            "tests/test_golden.py",
+        ),
         0.90,
     ),
     Group(
@@ -104,8 +111,14 @@ GROUPS = (
     ),
     Group(
         "streams",
-        ("residual/hyper.py", "residual/reversible.py"),
-        ("tests/test_hyper.py", "tests/test_reversible.py", "tests/test_misuse.py"),
+        ("residual/hyper.py", "residual/streams/*", "residual/reversible.py"),
+        (
+            "tests/test_hyper.py",
+            "tests/test_hyper_mhc.py",
+            "tests/test_hyper_frac.py",
+            "tests/test_reversible.py",
+            "tests/test_misuse.py",
+        ),
         0.90,
     ),
 )
@@ -290,6 +303,11 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/residual-mutation"))
     parser.add_argument("--table", type=Path, help="update the table in this Markdown file")
     parser.add_argument("--json", type=Path, help="write the outcome (and survivors) here")
+    parser.add_argument(
+        "--rerun",
+        type=Path,
+        help="run only the survivors listed in this --json file (after writing their tests)",
+    )
     args = parser.parse_args()
 
     by_name = {g.name: g for g in GROUPS}
@@ -302,6 +320,14 @@ def main() -> int:
         groups = [by_name[n] for n in args.groups.split(",")]
     else:
         groups = list(GROUPS)
+
+    if args.rerun:  # the survivors of an earlier run, by group (groups not in it are skipped)
+        earlier = json.loads(args.rerun.read_text("utf-8"))
+        groups = [
+            replace(g, mutants=tuple(earlier[g.name]["survivors"]))
+            for g in groups
+            if earlier.get(g.name, {}).get("survivors")
+        ]
 
     outcomes: list[Outcome] = []
     for group in groups:
