@@ -53,6 +53,7 @@ CORE_TESTS = (
     "tests/test_properties.py",
     "tests/test_fx.py",
     "tests/test_precision.py",
+    "tests/test_errors.py",
 )
 GROUPS = (
     Group(
