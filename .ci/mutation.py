@@ -21,6 +21,7 @@ Every group runs in its own copy of the working tree under ``--workdir`` (mutmut
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ import time
 from dataclasses import dataclass, replace
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 EQUIVALENTS = ROOT / ".ci" / "mutation_equivalents.json"
@@ -145,6 +147,11 @@ class Outcome:
     equivalent: dict[str, str]  # mutant name -> reason (those that survived and are listed)
     stale: list[str]  # listed as equivalent, but the diff no longer matches
     seconds: float
+    killed_before: int = 0  # --rerun: killed in the earlier run, not run again
+
+    @property
+    def mutants(self) -> int:
+        return len(self.statuses) + self.killed_before
 
     @property
     def survivors(self) -> list[str]:
@@ -154,11 +161,11 @@ class Outcome:
 
     @property
     def killed(self) -> int:
-        return sum(s == "killed" for s in self.statuses.values())
+        return sum(s == "killed" for s in self.statuses.values()) + self.killed_before
 
     @property
     def score(self) -> float:
-        live = len(self.statuses) - len(self.equivalent)
+        live = self.mutants - len(self.equivalent)
         return self.killed / live if live else 1.0
 
 
@@ -219,6 +226,14 @@ def mutant_diff(workdir: Path, name: str) -> str:
     return "\n".join(lines)
 
 
+def source_hash(group: Group) -> str:
+    """A hash of the group's modules: mutant names are stable while it does not change."""
+    digest = hashlib.sha256()
+    for path in sorted({p for m in group.modules for p in ROOT.glob(m) if p.is_file()}):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def run_group(group: Group, workroot: Path, children: int) -> Outcome:
     workdir = workroot / group.name
     copy_tree(workdir)
@@ -274,7 +289,7 @@ def table(outcomes: list[Outcome]) -> str:
     for o in outcomes:
         rows.append(
             f"| {o.group.name} | {', '.join(f'`{m}`' for m in o.group.modules)} | "
-            f"{len(o.statuses)} | {o.killed} | {len(o.equivalent)} | {len(o.survivors)} | "
+            f"{o.mutants} | {o.killed} | {len(o.equivalent)} | {len(o.survivors)} | "
             f"{100 * o.score:.1f}% | {100 * o.group.target:.0f}% |"
         )
     return "\n".join(rows)
@@ -322,20 +337,31 @@ def main() -> int:
     else:
         groups = list(GROUPS)
 
-    if args.rerun:  # the survivors of an earlier run, by group (groups not in it are skipped)
+    earlier: dict[str, Any] = {}
+    if args.rerun:  # the mutants an earlier run did not kill (groups not in it are skipped)
         earlier = json.loads(args.rerun.read_text("utf-8"))
-        groups = [
-            replace(g, mutants=tuple(earlier[g.name]["survivors"]))
-            for g in groups
-            if earlier.get(g.name, {}).get("survivors")
-        ]
+        groups = [g for g in groups if g.name in earlier]
+        for g in groups:
+            if earlier[g.name].get("source", source_hash(g)) != source_hash(g):
+                parser.error(
+                    f"the modules of group {g.name} changed since {args.rerun} was written, so "
+                    "mutmut numbers their mutants differently: run the whole group again"
+                )
 
     outcomes: list[Outcome] = []
     for group in groups:
-        outcome = run_group(group, args.workdir, args.children)
+        if group.name in earlier:
+            before = earlier[group.name]
+            names = (*before["survivors"], *before.get("equivalent_names", ()))
+            if not names:
+                continue
+            outcome = run_group(replace(group, mutants=names), args.workdir, args.children)
+            outcome.killed_before = before["killed"]
+        else:
+            outcome = run_group(group, args.workdir, args.children)
         outcomes.append(outcome)
         print(
-            f"   {outcome.killed}/{len(outcome.statuses)} killed, {len(outcome.equivalent)} "
+            f"   {outcome.killed}/{outcome.mutants} killed, {len(outcome.equivalent)} "
             f"equivalent, {len(outcome.survivors)} survived in {outcome.seconds:.0f} s"
         )
         for name in outcome.survivors:
@@ -350,9 +376,11 @@ def main() -> int:
             json.dumps(
                 {
                     o.group.name: {
-                        "mutants": len(o.statuses),
+                        "mutants": o.mutants,
                         "killed": o.killed,
                         "equivalent": len(o.equivalent),
+                        "source": source_hash(o.group),
+                        "equivalent_names": sorted(o.equivalent),
                         "survivors": {
                             n: mutant_diff(args.workdir / o.group.name, n) for n in o.survivors
                         },
