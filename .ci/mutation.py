@@ -21,6 +21,7 @@ Every group runs in its own copy of the working tree under ``--workdir`` (mutmut
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -217,6 +218,7 @@ def load_equivalents() -> dict[str, dict[str, str]]:
     return entries
 
 
+@functools.cache
 def mutant_diff(workdir: Path, name: str) -> str:
     """The changed lines of one mutant, as ``mutmut show`` prints them."""
     shown = subprocess.run(
