@@ -57,6 +57,7 @@ CORE_TESTS = (
     "tests/test_fx.py",
     "tests/test_precision.py",
     "tests/test_errors.py",
+    "tests/test_mismatch_hints.py",
 )
 GROUPS = (
     Group(
@@ -148,6 +149,7 @@ class Outcome:
     equivalent: dict[str, str]  # mutant name -> reason (those that survived and are listed)
     stale: list[str]  # listed as equivalent, but the diff no longer matches
     seconds: float
+    source: str  # source_hash of the mutated modules
     killed_before: int = 0  # --rerun: killed in the earlier run, not run again
 
     @property
@@ -228,11 +230,11 @@ def mutant_diff(workdir: Path, name: str) -> str:
     return "\n".join(lines)
 
 
-def source_hash(group: Group) -> str:
+def source_hash(group: Group, root: Path = ROOT) -> str:
     """A hash of the group's modules: mutant names are stable while it does not change."""
     digest = hashlib.sha256()
-    for path in sorted({p for m in group.modules for p in ROOT.glob(m) if p.is_file()}):
-        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    for path in sorted({p for m in group.modules for p in root.glob(m) if p.is_file()}):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -280,7 +282,7 @@ def run_group(group: Group, workroot: Path, children: int) -> Outcome:
             equivalent[name] = entry["reason"]
         else:
             stale.append(name)
-    return Outcome(group, statuses, equivalent, stale, seconds)
+    return Outcome(group, statuses, equivalent, stale, seconds, source_hash(group, workdir))
 
 
 def table(outcomes: list[Outcome]) -> str:
@@ -381,7 +383,7 @@ def main() -> int:
                         "mutants": o.mutants,
                         "killed": o.killed,
                         "equivalent": len(o.equivalent),
-                        "source": source_hash(o.group),
+                        "source": o.source,
                         "equivalent_names": sorted(o.equivalent),
                         "survivors": {
                             n: mutant_diff(args.workdir / o.group.name, n) for n in o.survivors

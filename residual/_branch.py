@@ -127,10 +127,10 @@ def check_same_shape(branch: Tensor, shortcut: Tensor, shortcut_name: str, layou
     return branch
 
 
-def _stride_between(size_in: list[int], size_out: list[int]) -> int | None:
-    """The smallest s with ceil(h / s) == h' for every pair, as a stride-s shortcut gives."""
-    for s in range(1, max(size_in, default=1) + 1):
-        if all(-(-h // s) == h2 for h, h2 in zip(size_in, size_out, strict=True)):
+def _stride_between(sizes: list[tuple[int, int]]) -> int | None:
+    """The smallest s with ceil(h / s) == h' for every (h, h'), as a stride-s shortcut gives."""
+    for s in range(1, max(h for h, _ in sizes) + 1):
+        if all(-(-h // s) == h2 for h, h2 in sizes):
             return s
     return None
 
@@ -164,7 +164,7 @@ def _hint_for(b: torch.Size, s: torch.Size, layout: str) -> tuple[bool, str]:
             "the branch enlarges a spatial dim (upsampling); no strided shortcut matches it: "
             "pass a shortcut module that upsamples the input the same way"
         )
-    stride = _stride_between([s[i] for i in other], [b[i] for i in other]) if other else 1
+    stride = _stride_between([(s[i], b[i]) for i in other]) if other else 1
     if stride is None:
         return False, (
             "the branch's non-channel sizes are not ceil(size / stride) of the input's (an "
