@@ -942,3 +942,34 @@ def test_feed_forward_options_by_hand() -> None:
     assert close(module(x), module.linear2(F.silu(module.linear1(x))))
     torch.manual_seed(0)
     assert (ff.train()(x) == 0).any()
+
+
+@pytest.mark.parametrize("dropout", [-0.1, 1.5])
+def test_encoder_layer_dropout_is_checked_as_a_probability(dropout: float) -> None:
+    """The check names ``dropout`` (not ``drop_path``), and 1 is a valid rate, as torch's."""
+    raises(
+        ResidualError,
+        f"TransformerEncoderLayer: dropout must be in [0, 1], got {dropout}",
+        lambda: TransformerEncoderLayer(8, 2, 16, dropout),
+    )
+
+
+def test_encoder_layer_dropout_type_is_checked() -> None:
+    for bad, name in [("0.1", "str"), (True, "bool")]:
+        raises(
+            TypeError,
+            f"TransformerEncoderLayer: dropout must be a float in [0, 1], got {name}",
+            lambda bad=bad: TransformerEncoderLayer(8, 2, 16, bad),  # type: ignore[misc]
+        )
+
+
+def test_encoder_layer_dropout_bounds_are_accepted_and_one_equals_torch() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, 8)
+    for norm_first in (False, True):
+        ours = TransformerEncoderLayer(8, 2, 16, 1, norm_first=norm_first)  # an int rate too
+        ref = nn.TransformerEncoderLayer(8, 2, 16, 1.0, norm_first=norm_first)
+        ref.load_state_dict(ours.torch_state_dict())
+        assert _dropouts(ours) == [1, 1, 1] and ours.self_attn.dropout == 1
+        assert close(ours(x), ref(x))  # training: every branch output is dropped
+    assert _dropouts(TransformerEncoderLayer(8, 2, 16, 0.0)) == [0.0] * 3
