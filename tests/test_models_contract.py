@@ -4,6 +4,7 @@ compared by value with torch's modules or a hand-written formula."""
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable
@@ -973,3 +974,44 @@ def test_encoder_layer_dropout_bounds_are_accepted_and_one_equals_torch() -> Non
         assert _dropouts(ours) == [1, 1, 1] and ours.self_attn.dropout == 1
         assert close(ours(x), ref(x))  # training: every branch output is dropped
     assert _dropouts(TransformerEncoderLayer(8, 2, 16, 0.0)) == [0.0] * 3
+
+
+def test_masks_take_the_input_dtype() -> None:
+    """Bool masks become additive masks, and float masks are cast, in the input's dtype."""
+    torch.manual_seed(0)
+    attn = SelfAttention(8, 2, dtype=torch.float64)
+    ref = _mha_like(attn, batch_first=True).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    padding = torch.zeros(2, 5, dtype=torch.bool)
+    padding[1, 3:] = True
+    want = ref(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+    assert close(attn(x, key_padding_mask=padding), want)
+    as_float = torch.zeros(2, 5, dtype=torch.float32).masked_fill(padding, float("-inf"))
+    assert close(attn(x, key_padding_mask=as_float), want)
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    want = ref(x, x, x, attn_mask=causal, need_weights=False)[0]
+    assert close(attn(x, attn_mask=causal), want)
+    causal_attn = SelfAttention(8, 2, causal=True, dtype=torch.float64)
+    causal_attn.load_state_dict(attn.state_dict())
+    both = ref(x, x, x, attn_mask=causal, key_padding_mask=padding, need_weights=False)[0]
+    assert close(causal_attn(x, key_padding_mask=padding), both)
+    single = SelfAttention(8, 2)
+    single.load_state_dict(attn.state_dict())  # float32 now: the float64 mask is cast down
+    out = single(x.float(), key_padding_mask=as_float.double(), attn_mask=causal.double() * -1e9)
+    both32 = ref.float()(
+        x.float(), x.float(), x.float(), attn_mask=causal, key_padding_mask=padding
+    )
+    assert out.dtype == torch.float32 and close(out, both32[0])
+
+
+def test_function_activations_are_named_in_the_repr() -> None:
+    assert FeedForward(4, 8, activation=torch.tanh).activation.extra_repr() == "tanh"
+    leaky = functools.partial(F.leaky_relu, negative_slope=0.2)
+    assert FeedForward(4, 8, activation=leaky).activation.extra_repr() == repr(leaky)
+
+
+def test_to_torch_keeps_the_dtype_and_lstm_keeps_its_width() -> None:
+    layer = TransformerEncoderLayer(8, 2, 16, dtype=torch.float64, bias=False)
+    ref = layer.to_torch()
+    assert ref.linear1.weight.dtype == torch.float64 and ref.linear1.bias is None
+    assert ResidualLSTM(4, 6, 2).hidden_size == 6
