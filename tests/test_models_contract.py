@@ -1015,3 +1015,43 @@ def test_to_torch_keeps_the_dtype_and_lstm_keeps_its_width() -> None:
     ref = layer.to_torch()
     assert ref.linear1.weight.dtype == torch.float64 and ref.linear1.bias is None
     assert ResidualLSTM(4, 6, 2).hidden_size == 6
+
+
+def _leaves(model: nn.Module) -> tuple[torch.fx.GraphModule, set[str]]:
+    gm = torch.fx.symbolic_trace(model)
+    calls = {getattr(n.target, "__name__", "") for n in gm.graph.nodes if n.op == "call_function"}
+    return gm, calls
+
+
+def test_the_shape_dependent_helpers_are_fx_leaves() -> None:
+    """Each helper that reads a shape or an optional input is one call in a traced graph."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    attn = SelfAttention(8, 2).eval()
+    gm, calls = _leaves(attn)
+    assert {"check_sequence", "split_heads", "sdpa_mask", "merge_heads"} <= calls
+    assert close(gm(x), attn(x))
+    value = ValueResidualAttention(SelfAttention(8, 2)).eval()
+    gm, calls = _leaves(value)
+    first = torch.randn(2, 2, 5, 4)
+    assert "_check_values" in calls and close(gm(x, first)[0], value(x, first)[0])
+    layer = TransformerEncoderLayer(8, 2, 16, batch_first=True).eval()
+    gm, calls = _leaves(layer)
+    assert "_check_src" in calls and close(gm(x), layer(x))
+    lm = CausalTransformerLM(5, 8, 2, 1, max_len=6).eval()
+    gm, calls = _leaves(lm)
+    idx = torch.tensor([[1, 2, 3], [4, 0, 1]])
+    assert "_check_token_ids" in calls and close(gm(idx), lm(idx))
+    net = cifar_resnet(8).eval()
+    gm, calls = _leaves(net)
+    images = torch.randn(1, 3, 8, 8)
+    assert "check_images" in calls and close(gm(images), net(images))
+    mixer = MLPMixer(8, 4, 1, dim=4, depth=1).eval()
+    gm, calls = _leaves(mixer)
+    images = torch.randn(2, 1, 8, 8)
+    assert {"_rearrange", "_reduce", "_check_mixer_images"} <= calls
+    assert close(gm(images), mixer(images))
+    lstm = ResidualLSTM(4, 4, 2)
+    gm, calls = _leaves(lstm)
+    seq = torch.randn(2, 3, 4)
+    assert "_layer_state" in calls and close(gm(seq)[0], lstm(seq)[0])
