@@ -1055,3 +1055,34 @@ def test_the_shape_dependent_helpers_are_fx_leaves() -> None:
     gm, calls = _leaves(lstm)
     seq = torch.randn(2, 3, 4)
     assert "_layer_state" in calls and close(gm(seq)[0], lstm(seq)[0])
+
+
+TORCHVISION_ARCHITECTURES = {
+    "resnet18": ("basic", [2, 2, 2, 2], {}),
+    "resnet34": ("basic", [3, 4, 6, 3], {}),
+    "resnet50": ("bottleneck", [3, 4, 6, 3], {}),
+    "resnet101": ("bottleneck", [3, 4, 23, 3], {}),
+    "resnet152": ("bottleneck", [3, 8, 36, 3], {}),
+    "resnext50_32x4d": ("bottleneck", [3, 4, 6, 3], {"groups": 32, "width_per_group": 4}),
+    "wide_resnet50_2": ("bottleneck", [3, 4, 6, 3], {"width_per_group": 128}),
+}
+
+
+@pytest.mark.parametrize("name", list(TORCHVISION_ARCHITECTURES))
+def test_factories_build_torchvisions_architectures(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each factory asks for torchvision's block, stage depths and widths, 1000 classes by
+    default, and passes the options on (recorded instead of building the big nets)."""
+    from residual.models import resnet as resnet_module
+
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(resnet_module, "ResNet", lambda *args, **kw: calls.append((args, kw)))
+    factory = getattr(resnet_module, name)
+    block, layers, options = TORCHVISION_ARCHITECTURES[name]
+    factory()
+    factory(7, drop_path=0.1)
+    assert calls == [
+        ((block, layers, 1000), options),
+        ((block, layers, 7), {**options, "drop_path": 0.1}),
+    ]
