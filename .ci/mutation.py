@@ -110,6 +110,7 @@ GROUPS = (
             "tests/test_models_sequence.py",
             "tests/test_golden.py",
             "tests/test_misuse.py",
+            "tests/test_models_contract.py",
             "tests/peers",
         ),
         0.90,

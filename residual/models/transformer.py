@@ -95,7 +95,7 @@ class TransformerEncoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         check_positive_int("TransformerEncoderLayer", "dim_feedforward", dim_feedforward)
-        check_drop_rate("TransformerEncoderLayer", dropout)
+        _check_dropout("TransformerEncoderLayer", dropout)
         self.norm_first = norm_first
         self.batch_first = bool(batch_first)
         attention = SelfAttention(
@@ -260,6 +260,14 @@ class TransformerEncoderLayer(nn.Module):
         if norm is None:  # pragma: no cover - both layouts always hold both norms
             raise RuntimeError("TransformerEncoderLayer: norm missing")
         return norm
+
+
+def _check_dropout(caller: str, p: object) -> None:
+    """Raise unless ``p`` is a dropout probability in [0, 1] (1 included, as ``nn.Dropout``)."""
+    if isinstance(p, bool) or not isinstance(p, int | float):
+        raise TypeError(f"{caller}: dropout must be a float in [0, 1], got {type(p).__name__}")
+    if not 0.0 <= p <= 1.0:
+        raise ResidualError(f"{caller}: dropout must be in [0, 1], got {p}")
 
 
 def _check_src(src: Tensor, d_model: int, batch_first: bool) -> None:
