@@ -58,6 +58,7 @@ CORE_TESTS = (
     "tests/test_precision.py",
     "tests/test_errors.py",
     "tests/test_mismatch_hints.py",
+    "tests/test_core_contract.py",
 )
 GROUPS = (
     Group(

@@ -1,0 +1,168 @@
+"""The combinator's remaining contract, exactly: its repr, tuple outputs under stochastic depth,
+checkpointed branches with extra arguments and instance norms, and the dimension reading of
+pools and of Linear layers among convs."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import set_checkpoint_early_stop
+
+from residual import Residual, ResidualError
+from residual.shortcuts import ProjectionShortcut
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({}, ""),
+        ({"drop_path": 0.1}, "drop_path=0.1, drop_mode='row'"),
+        ({"drop_path": 0.25, "drop_mode": "batch"}, "drop_path=0.25, drop_mode='batch'"),
+        (
+            {"drop_path": 0.5, "drop_mode": "subset", "scale_by_keep": False},
+            "drop_path=0.5, drop_mode='subset', scale_by_keep=False",
+        ),
+        ({"scale_by_keep": False}, ""),  # nothing to scale without a rate
+        ({"checkpoint": True}, "checkpoint=True"),
+        ({"residual_in_fp32": True}, "residual_in_fp32=True"),
+        (
+            {"drop_path": 1.0, "checkpoint": True, "residual_in_fp32": True},
+            "drop_path=1.0, drop_mode='row', checkpoint=True, residual_in_fp32=True",
+        ),
+    ],
+)
+def test_the_repr_line_lists_exactly_the_options_set(options: dict, expected: str) -> None:
+    block = Residual(nn.Linear(2, 2), **options)
+    assert block.extra_repr() == expected
+    lines = repr(block).splitlines()
+    assert lines[1] == (
+        f"  {expected}" if expected else "  (fn): Linear(in_features=2, out_features=2, bias=True)"
+    )
+
+
+class ThreeOutputs(nn.Module):
+    """A branch returning (tensor, extra, extra): the extras pass through untouched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+        self.first, self.second = torch.tensor(1.0), torch.tensor(2.0)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.linear(x), self.first, self.second
+
+
+def test_row_drop_keeps_every_extra_output_of_a_tuple_branch() -> None:
+    fn = ThreeOutputs()
+    block = Residual(fn, drop_path=0.5).train()
+    x = torch.randn(64, 3)
+    torch.manual_seed(0)
+    out = block(x)
+    assert isinstance(out, tuple) and len(out) == 3
+    assert out[1] is fn.first and out[2] is fn.second
+    torch.manual_seed(0)
+    mask = torch.empty(64, 1).bernoulli_(0.5) / 0.5  # timm's draw, in its order
+    torch.testing.assert_close(out[0], x + fn.linear(x) * mask, rtol=0, atol=0)
+
+
+class Scaled(nn.Module):
+    """A branch with an extra positional argument and a keyword one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor, scale: Tensor, *, shift: float = 0.0) -> Tensor:
+        return self.linear(x) * scale + shift
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"shift": 0.5}])
+def test_a_checkpointed_branch_gets_its_extra_arguments(kwargs: dict) -> None:
+    torch.manual_seed(0)
+    plain = Residual(Scaled())
+    ckpt = Residual(copy.deepcopy(plain.fn), checkpoint=True)
+    x = torch.randn(3, 4, requires_grad=True)
+    scale = torch.full((3, 1), 3.0)
+    expected = plain(x, scale, **kwargs)
+    got = ckpt(x, scale, **kwargs)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(got, x + plain.fn.linear(x) * 3.0 + kwargs.get("shift", 0.0))
+    got.sum().backward()
+    torch.testing.assert_close(ckpt.fn.linear.weight.grad, 3.0 * x.detach().sum(0).expand(4, 4))
+
+
+def _instance_norm_branch() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 3, 3, padding=1), nn.InstanceNorm2d(3, track_running_stats=True)
+    )
+
+
+def test_checkpointing_updates_instance_norm_statistics_once() -> None:
+    """InstanceNorm's functional form says ``use_input_stats``, not ``training``.
+
+    By default torch stops a recomputation once it has the saved tensors, which happens to be
+    before instance_norm writes its statistics back; without that early stop (a user setting)
+    the whole branch runs again, and the statistics must still move once.
+    """
+    torch.manual_seed(0)
+    plain = Residual(_instance_norm_branch()).train()
+    ckpt = Residual(copy.deepcopy(plain.fn), checkpoint=True).train()
+    with set_checkpoint_early_stop(False):
+        for _ in range(3):
+            x = torch.randn(2, 3, 5, 5) + 2.0
+            plain(x).sum().backward()
+            ckpt(x).sum().backward()
+    plain_norm, ckpt_norm = plain.fn[1], ckpt.fn[1]
+    assert not torch.equal(plain_norm.running_mean, torch.zeros(3))  # the statistics moved
+    torch.testing.assert_close(ckpt_norm.running_mean, plain_norm.running_mean)
+    torch.testing.assert_close(ckpt_norm.running_var, plain_norm.running_var)
+    torch.testing.assert_close(ckpt.fn[0].weight.grad, plain.fn[0].weight.grad)
+
+
+NOT_READABLE = (
+    "Residual: shortcut 'projection' needs the branch's channels and stride, and Sequential "
+    "does not show them for certain (a custom forward, or layers whose order or padding do not "
+    "fix them); pass the module instead, e.g. shortcut=ProjectionShortcut(in_channels, "
+    "out_channels, stride=s) or ZeroPadShortcut(in_channels, out_channels, stride=s)"
+)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 4)),
+        nn.Sequential(nn.Sequential(nn.Linear(4, 4)), nn.Conv2d(4, 4, 3, padding=1)),
+        nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Sequential(nn.ReLU(), nn.Linear(4, 4))),
+        nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.MaxPool2d(2)),  # floor: not a stride
+    ],
+    ids=["linear-after-conv", "nested-linear-before-conv", "nested-linear-after", "floor-pool"],
+)
+def test_a_linear_among_convs_or_a_flooring_pool_is_not_read(fn: nn.Module) -> None:
+    with pytest.raises(ResidualError, match=f"^{re.escape(NOT_READABLE)}$"):
+        Residual(fn, shortcut="projection")
+
+
+@pytest.mark.parametrize(
+    ("fn", "shape", "stride", "dims"),
+    [
+        (nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.MaxPool2d(2, ceil_mode=True)), (2, 4, 7, 6), 2, 2),
+        (nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.AvgPool1d(3, stride=2, padding=1)), (2, 4, 9), 2, 1),
+        (nn.Sequential(nn.Conv3d(4, 8, 1), nn.MaxPool3d(3, stride=3, ceil_mode=True)), (1, 4, 5, 6, 7), 3, 3),
+        (nn.Sequential(nn.Sequential(nn.Linear(4, 6)), nn.ReLU(), nn.Linear(6, 8)), (2, 5, 4), 1, 0),
+    ],
+    ids=["maxpool2d", "avgpool1d", "maxpool3d", "nested-linears"],
+)  # fmt: skip
+def test_pools_given_as_ints_read_as_their_stride(
+    fn: nn.Module, shape: tuple[int, ...], stride: int, dims: int
+) -> None:
+    block = Residual(fn, shortcut="projection")
+    shortcut = block.shortcut
+    assert isinstance(shortcut, ProjectionShortcut)
+    assert (shortcut.in_channels, shortcut.out_channels, shortcut.stride) == (4, 8, stride)
+    assert shortcut.layout == ("channels_first" if dims else "channels_last")
+    x = torch.randn(shape)
+    assert block(x).shape == fn(x).shape
