@@ -87,7 +87,7 @@ def _safe_divisor(keep: Tensor) -> Tensor:
     return keep.clamp_min(torch.finfo(keep.dtype).tiny)
 
 
-def _row_mask(x: Tensor, keep: Tensor | float, scale_by_keep: bool = True) -> Tensor:
+def _row_mask(x: Tensor, keep: Tensor | float, scale_by_keep: bool) -> Tensor:
     """A (N, 1, ..., 1) mask of 0 and ``1 / keep`` (1 unscaled), one Bernoulli draw per sample.
 
     With a float ``keep`` these are timm's and torchvision's ops, in their order: the same

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch._dynamo.testing
 from torch import Tensor, nn
 
-from residual import Residual, ResidualError, ScaledAdd, apply_drop_schedule
-from residual.drop import linear_drop_rates
+from conftest import MySelfAttention
+from residual import Residual, ResidualError, ScaledAdd, apply_drop_schedule, drop_path
+from residual.drop import (
+    BatchDrop,
+    RowDrop,
+    SubsetDrop,
+    linear_drop_rates,
+    make_drop_policy,
+)
 from residual.models import CausalTransformerLM, MLPMixer, ResidualLSTM, ResidualMLP
 
 
@@ -351,8 +360,6 @@ def test_compiled_rate_one_is_exact_and_rates_do_not_recompile(mode: str, norm: 
 
 
 def test_functional_rate_one_as_a_tensor_gives_zeros() -> None:
-    from residual import drop_path
-
     x = torch.randn(4, 3)
     out = drop_path(x, torch.tensor(1.0))
     assert torch.equal(out, torch.zeros_like(x))
@@ -457,8 +464,6 @@ def test_eager_row_masks_are_the_peers_masks_bit_for_bit() -> None:
             noise.div_(survival_rate)
         return x * noise
 
-    from residual import drop_path
-
     x = torch.randn(64, 3, 2)
     block = Residual(nn.Identity(), drop_path=0.3)
     for ours in (lambda: drop_path(x, 0.3), lambda: block(x) - x):
@@ -466,3 +471,335 @@ def test_eager_row_masks_are_the_peers_masks_bit_for_bit() -> None:
         expected = peers(x, 0.3)
         torch.manual_seed(11)
         torch.testing.assert_close(ours(), expected, atol=1e-6, rtol=0)
+
+
+# The contract, pinned exactly: messages, defaults, dtypes, devices, draws (mutation testing).
+
+RANGE_HINT = "0 disables stochastic depth and "
+ONE_ALLOWED = RANGE_HINT + "1 drops the branch in every training step"
+ONE_REFUSED = RANGE_HINT + "1 would drop the branch for good (remove the block instead)"
+
+
+def _exactly(message: str) -> str:
+    return "^" + re.escape(message) + "$"
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (
+            lambda: drop_path(torch.ones(2), 1.5),
+            ResidualError,
+            f"drop_path: drop_path must be in [0, 1], got 1.5; {ONE_ALLOWED}",
+        ),
+        (
+            lambda: drop_path(torch.ones(2), "0.1"),
+            TypeError,
+            "drop_path: drop_path must be a float in [0, 1], got str",
+        ),
+        (
+            lambda: make_drop_policy(-0.5, "row"),
+            ResidualError,
+            f"drop_path: drop_path must be in [0, 1], got -0.5; {ONE_ALLOWED}",
+        ),
+        (
+            lambda: Residual(nn.Linear(2, 2), drop_path=True),
+            TypeError,
+            "drop_path: drop_path must be a float in [0, 1], got bool",
+        ),
+        (
+            lambda: make_drop_policy(0.1, "rows"),
+            ResidualError,
+            "unknown drop_mode 'rows'; valid modes are row, batch, subset",
+        ),
+        (
+            lambda: RowDrop(1.5),
+            ResidualError,
+            f"RowDrop: drop_path must be in [0, 1], got 1.5; {ONE_ALLOWED}",
+        ),
+        (
+            lambda: SubsetDrop(None),  # type: ignore[arg-type]
+            TypeError,
+            "SubsetDrop: drop_path must be a float in [0, 1], got NoneType",
+        ),
+        (
+            lambda: BatchDrop(0.5).set_rate(2.0),
+            ResidualError,
+            f"BatchDrop: drop_path must be in [0, 1], got 2.0; {ONE_ALLOWED}",
+        ),
+        (
+            lambda: linear_drop_rates(1.0, 3),
+            ResidualError,
+            f"linear_drop_rates: drop_path must be in [0, 1), got 1.0; {ONE_REFUSED}",
+        ),
+        (
+            lambda: linear_drop_rates("0.1", 3),  # type: ignore[arg-type]
+            TypeError,
+            "linear_drop_rates: drop_path must be a float in [0, 1), got str",
+        ),
+        (
+            lambda: apply_drop_schedule(nn.Sequential(Residual(nn.Linear(2, 2))), 1.0),
+            ResidualError,
+            f"linear_drop_rates: drop_path must be in [0, 1), got 1.0; {ONE_REFUSED}",
+        ),
+        (
+            lambda: linear_drop_rates(0.1, 2.0),  # type: ignore[arg-type]
+            ResidualError,
+            "linear_drop_rates: num_blocks must be >= 1 (an int), got 2.0",
+        ),
+        (
+            lambda: linear_drop_rates(0.1, True),
+            ResidualError,
+            "linear_drop_rates: num_blocks must be >= 1 (an int), got True",
+        ),
+        (
+            lambda: linear_drop_rates(0.1, 0),
+            ResidualError,
+            "linear_drop_rates: num_blocks must be >= 1 (an int), got 0",
+        ),
+        (
+            lambda: apply_drop_schedule(nn.Linear(2, 2), 0.1),
+            ResidualError,
+            "apply_drop_schedule: Linear holds no Residual block to drop",
+        ),
+    ],
+    ids=[
+        "functional-range",
+        "functional-type",
+        "policy-range",
+        "block-bool",
+        "mode",
+        "policy-class-range",
+        "policy-class-type",
+        "set-rate-range",
+        "schedule-rate-one",
+        "schedule-type",
+        "apply-schedule-rate-one",
+        "num-blocks-float",
+        "num-blocks-bool",
+        "num-blocks-zero",
+        "no-blocks",
+    ],
+)
+def test_every_refusal_says_exactly_what_and_who(call, error, message: str) -> None:
+    with pytest.raises(error, match=_exactly(message)):
+        call()
+
+
+class Pair(nn.Module):
+    """A branch that returns a tuple (the tensor and a side output)."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x * 2, x
+
+
+class Listing(nn.Module):
+    """A branch that returns a list: neither a tensor nor a tuple."""
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return [x]
+
+
+def _running_step(policy: BatchDrop) -> None:
+    """Move a BatchDrop to a step whose draw runs the branch."""
+    policy.step.fill_(next(s for s in range(64) if policy.draw(s) < 1 - policy.p))
+
+
+@pytest.mark.parametrize("mode", ["batch", "subset"])
+def test_tuple_branches_are_refused_exactly_by_the_modes_that_skip(mode: str) -> None:
+    block = Residual(Pair(), drop_path=0.5, drop_mode=mode)
+    if mode == "batch":
+        _running_step(block.drop)
+    message = (
+        f"Residual: drop_mode={mode!r} needs a branch that returns a tensor, got tuple from "
+        "Pair; use drop_mode='row' for branches returning tuples (their other outputs cannot "
+        "be skipped or subset)"
+    )
+    with pytest.raises(TypeError, match=_exactly(message)):
+        block(torch.randn(4, 3))
+
+
+def test_row_mode_names_a_branch_that_returns_no_tensor() -> None:
+    message = (
+        "Residual: branch Listing returned list; it must return a tensor, or a tuple whose first "
+        "element is the tensor to add (the rest is passed through)"
+    )
+    with pytest.raises(TypeError, match=_exactly(message)):
+        Residual(Listing(), drop_path=0.5)(torch.randn(4, 3))
+
+
+def test_subset_mode_refuses_extra_arguments_exactly() -> None:
+    block = Residual(MySelfAttention(4, 1), drop_path=0.5, drop_mode="subset")
+    message = (
+        "Residual: drop_mode='subset' runs the branch on a subset of the samples and cannot "
+        "know which extra arguments are per-sample; use drop_mode='row' or 'batch' for branches "
+        "that take extra arguments"
+    )
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(ResidualError, match=_exactly(message)):
+        block(x, key_padding_mask=torch.zeros(2, 3, dtype=torch.bool))
+
+
+def test_rates_at_the_edges_of_their_intervals() -> None:
+    assert linear_drop_rates(0.3, 1) == [0.3]
+    policy = BatchDrop(0.5)
+    policy.set_rate(1.0)  # 1 is a valid rate for a policy
+    assert policy.p == 1.0 and float(policy.keep) == 0.0
+    block = Residual(nn.Linear(2, 2), drop_path=0.5, drop_mode="subset")
+    block.set_drop_path(1.0)
+    assert block.drop.p == 1.0
+
+
+def test_functional_default_rate_drops_nothing() -> None:
+    x = torch.randn(5, 3)
+    assert torch.equal(drop_path(x), x)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: RowDrop(0.5),
+        lambda: BatchDrop(0.5),
+        lambda: SubsetDrop(0.5),
+        lambda: make_drop_policy(0.5, "row"),
+        lambda: make_drop_policy(0.5, "batch"),
+        lambda: make_drop_policy(0.5, "subset"),
+    ],
+    ids=["RowDrop", "BatchDrop", "SubsetDrop", "make-row", "make-batch", "make-subset"],
+)
+def test_policies_rescale_by_default(build) -> None:
+    policy = build()
+    branch = nn.Linear(3, 3)
+    x = torch.randn(8, 3)
+    if isinstance(policy, BatchDrop):
+        _running_step(policy)
+    with torch.no_grad():
+        out, full = policy(branch, x, x, (), {}, False), branch(x) / 0.5
+    kept = (out != 0).all(1)
+    assert int(kept.sum()) > 0 and torch.all(out[~kept] == 0)
+    torch.testing.assert_close(out[kept], full[kept], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("n", "p", "k"), [(4, 0.9, 1), (3, 0.5, 1), (1, 0.5, 1), (5, 0.5, 2)])
+def test_subset_mode_runs_at_least_one_sample_scaled_by_n_over_k(n: int, p: float, k: int) -> None:
+    fn = Counting(3)
+    block = Residual(fn, drop_path=p, drop_mode="subset")
+    x = torch.randn(n, 3)
+    y = block(x)
+    assert fn.calls == [k]
+    with torch.no_grad():
+        ran = x + fn.lin(x) * (n / k)
+    computed = torch.isclose(y, ran, atol=1e-6, rtol=1e-6).all(1)
+    assert int(computed.sum()) == k and torch.equal(y[~computed], x[~computed])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_row_masks_are_in_the_input_dtype(dtype: torch.dtype) -> None:
+    """The mask is x's dtype: 1 / 0.7 rounded as x is, and a half input stays half."""
+    x = torch.randn(64, 3, dtype=dtype)
+    scale = torch.tensor(1 / 0.7, dtype=dtype)
+    block = Residual(nn.Identity(), drop_path=0.3)
+    for y, shortcut in ((drop_path(x, 0.3), torch.zeros_like(x)), (block(x), x)):
+        assert y.dtype == dtype
+        kept = (y != shortcut).all(1)
+        assert 0 < int(kept.sum()) < 64 and torch.equal(y[~kept], shortcut[~kept])
+        assert torch.equal(y[kept], shortcut[kept] + x[kept] * scale)
+
+
+def test_functional_rate_tensor_takes_the_input_dtype() -> None:
+    """A float64 rate of 1 on a float32 input: the float32 keep of 0 divides no zero by zero."""
+    x = torch.randn(4, 3)
+    out = drop_path(x, torch.tensor(1.0, dtype=torch.float64))
+    assert out.dtype == torch.float32 and torch.equal(out, torch.zeros_like(x))
+
+
+def test_row_masks_are_made_on_the_input_device() -> None:
+    x = torch.empty(4, 3, device="meta")
+    assert drop_path(x, 0.3).device == x.device
+    block = Residual(nn.Linear(3, 3), drop_path=0.3).to("meta")
+    assert block(x).device == x.device
+
+
+class GlobalFilter(nn.Module):
+    """A real-to-real branch with a complex parameter (an FFT filter, as in GFNet)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n // 2 + 1, dtype=torch.complex64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.fft.irfft(torch.fft.rfft(x) * self.weight, n=x.shape[-1])
+
+
+@pytest.mark.filterwarnings("ignore:Casting complex values to real")
+@pytest.mark.parametrize("mode", ["batch", "subset"])
+def test_a_dropped_branch_with_complex_parameters_stays_real(mode: str) -> None:
+    fn = GlobalFilter(6)
+    block = Residual(fn, drop_path=1.0, drop_mode=mode)
+    x = torch.randn(3, 6, requires_grad=True)
+    y = block(x)
+    assert y.dtype == torch.float32 and torch.equal(y, x)
+    y.sum().backward()
+    assert fn.weight.grad is not None and torch.all(fn.weight.grad == 0)
+
+
+def _lowbias32(v: int) -> int:
+    """The reference hash, in Python integers."""
+    for shift, mult in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        v ^= v >> shift
+        v = (v * mult) & 0xFFFFFFFF
+    return v ^ (v >> 16)
+
+
+def _reference_draw(seed: int, step: int) -> float:
+    return _lowbias32(seed ^ _lowbias32(step & 0xFFFFFFFF)) / 2**32
+
+
+def test_batch_draws_are_the_lowbias32_hash_in_float64() -> None:
+    torch.manual_seed(5)
+    fn = Counting()
+    block = Residual(fn, drop_path=0.5, drop_mode="batch")
+    policy, seed = block.drop, int(block.drop.seed)
+    for step in (0, 1, 2, 1000, 2**32 + 3):
+        assert policy.draw(step) == _reference_draw(seed, step)
+    with torch.device("meta"):  # the step is made on the policy's device, not the default
+        assert policy.draw(7) == _reference_draw(seed, 7)
+    x = torch.randn(2, 4)
+    for step in range(12):  # draw() is the next step's; forward runs the branch iff < keep
+        assert int(policy.step) == step and policy.draw() == _reference_draw(seed, step)
+        before = len(fn.calls)
+        block(x)
+        assert (len(fn.calls) > before) == (_reference_draw(seed, step) < 0.5)
+
+
+def test_batch_branch_runs_only_below_one_minus_p() -> None:
+    """A draw equal to 1 - p drops: P(run) = P(u < 1 - p) = 1 - p for u uniform in [0, 1)."""
+    fn = Counting()
+    block = Residual(fn, drop_path=0.5, drop_mode="batch")
+    seed = int(block.drop.seed)
+    hashes = ((s, _lowbias32(seed ^ _lowbias32(s))) for s in range(100_000))
+    # a step whose draw is a float32 above 1/2: the float32 keep of some rate equals it
+    step, h = next((s, h) for s, h in hashes if h % 256 == 0 and h > 2**31)
+    u = h / 2**32
+    above = float(torch.tensor(u).nextafter(torch.tensor(1.0)))  # the next float32
+    x = torch.randn(2, 4)
+    for keep, runs in ((u, False), (above, True)):
+        block.set_drop_path(1.0 - keep)
+        assert float(block.drop.keep) == keep
+        block.drop.step.fill_(step)
+        before = len(fn.calls)
+        block(x)
+        assert (len(fn.calls) > before) == runs
+
+
+@pytest.mark.parametrize("mode", ["row", "batch", "subset"])
+def test_checkpoint_recomputes_the_branch_in_every_mode(mode: str) -> None:
+    fn = Counting()
+    block = Residual(fn, drop_path=0.5, drop_mode=mode, checkpoint=True)
+    if mode == "batch":
+        _running_step(block.drop)
+    x = torch.randn(6, 4, requires_grad=True)
+    block(x).sum().backward()
+    rows = 3 if mode == "subset" else 6
+    assert fn.calls == [rows, rows]  # the forward, and its recomputation in backward
+    assert fn.lin.weight.grad is not None and fn.lin.weight.grad.abs().sum() > 0
