@@ -93,7 +93,7 @@ def _strided(size: int, kernel: int, stride: int, pad: int, dil: int, ceil: bool
 def _uniform_stride(m: nn.Module, n: int, ceil: bool) -> int | None:
     """The module's stride if its output is ceil(H / stride) for every H tried, else None."""
     kernel = _tuple(m.kernel_size, n)
-    stride = _tuple(m.stride if m.stride is not None else m.kernel_size, n)
+    stride = _tuple(m.stride, n)  # torch's pools store their kernel size for stride=None
     dil = _tuple(getattr(m, "dilation", 1), n)
     if m.padding == "same":  # stride 1 (torch refuses "same" with a stride): the size is kept
         return 1 if all(d * (k - 1) % 2 == 0 for d, k in zip(dil, kernel, strict=True)) else None

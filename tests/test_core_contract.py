@@ -138,8 +138,15 @@ NOT_READABLE = (
         nn.Sequential(nn.Sequential(nn.Linear(4, 4)), nn.Conv2d(4, 4, 3, padding=1)),
         nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Sequential(nn.ReLU(), nn.Linear(4, 4))),
         nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.MaxPool2d(2)),  # floor: not a stride
+        nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, dilation=2)),  # shrinks by 2
     ],
-    ids=["linear-after-conv", "nested-linear-before-conv", "nested-linear-after", "floor-pool"],
+    ids=[
+        "linear-after-conv",
+        "nested-linear-before-conv",
+        "nested-linear-after",
+        "floor-pool",
+        "dilated-unpadded",
+    ],
 )
 def test_a_linear_among_convs_or_a_flooring_pool_is_not_read(fn: nn.Module) -> None:
     with pytest.raises(ResidualError, match=f"^{re.escape(NOT_READABLE)}$"):
@@ -153,8 +160,10 @@ def test_a_linear_among_convs_or_a_flooring_pool_is_not_read(fn: nn.Module) -> N
         (nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.AvgPool1d(3, stride=2, padding=1)), (2, 4, 9), 2, 1),
         (nn.Sequential(nn.Conv3d(4, 8, 1), nn.MaxPool3d(3, stride=3, ceil_mode=True)), (1, 4, 5, 6, 7), 3, 3),
         (nn.Sequential(nn.Sequential(nn.Linear(4, 6)), nn.ReLU(), nn.Linear(6, 8)), (2, 5, 4), 1, 0),
+        (nn.Sequential(nn.Conv2d(4, 8, 3, padding=2, dilation=2), nn.MaxPool2d(3, 2, 1, dilation=1)), (2, 4, 9, 8), 2, 2),
+        (nn.Sequential(nn.MaxPool2d(2, stride=None, ceil_mode=True), nn.Conv2d(4, 8, 1)), (2, 4, 5, 5), 2, 2),
     ],
-    ids=["maxpool2d", "avgpool1d", "maxpool3d", "nested-linears"],
+    ids=["maxpool2d", "avgpool1d", "maxpool3d", "nested-linears", "dilated-padded", "stride-none"],
 )  # fmt: skip
 def test_pools_given_as_ints_read_as_their_stride(
     fn: nn.Module, shape: tuple[int, ...], stride: int, dims: int
