@@ -98,6 +98,7 @@ GROUPS = (
         (
             "tests/test_blocks.py",
             "tests/test_blocks_nd.py",
+            "tests/test_blocks_contract.py",
             "tests/test_models_cnn.py",
             "tests/test_golden.py",
         ),

@@ -97,9 +97,11 @@ def _resolve_dims(
     return spatial_dims, _BATCH_NORMS[spatial_dims] if norm_layer is None else norm_layer
 
 
-def _check_channels(caller: str, in_channels: int, out_channels: int, stride: int) -> None:
+def _check_channels(
+    caller: str, in_channels: int, out_channels: int, stride: int, out_name: str = "out_channels"
+) -> None:
     check_positive_int(caller, "in_channels", in_channels)
-    check_positive_int(caller, "out_channels", out_channels)
+    check_positive_int(caller, out_name, out_channels)
     check_positive_int(caller, "stride", stride)
 
 
@@ -221,7 +223,7 @@ class Bottleneck(_ConvBlock):
         drop_mode: DropMode = "row",
         checkpoint: bool = False,
     ) -> None:
-        _check_channels("Bottleneck", in_channels, planes, stride)
+        _check_channels("Bottleneck", in_channels, planes, stride, "planes")
         check_positive_int("Bottleneck", "groups", groups)
         check_positive_int("Bottleneck", "base_width", base_width)
         check_positive_int("Bottleneck", "expansion", expansion)
