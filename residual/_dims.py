@@ -92,11 +92,11 @@ def _strided(size: int, kernel: int, stride: int, pad: int, dil: int, ceil: bool
 
 def _uniform_stride(m: nn.Module, n: int, ceil: bool) -> int | None:
     """The module's stride if its output is ceil(H / stride) for every H tried, else None."""
+    if m.padding == "same":  # stride 1 (torch refuses "same" with a stride): the size is kept,
+        return 1  # even kernels too (torch pads the odd total asymmetrically)
     kernel = _tuple(m.kernel_size, n)
     stride = _tuple(m.stride, n)  # torch's pools store their kernel size for stride=None
     dil = _tuple(getattr(m, "dilation", 1), n)
-    if m.padding == "same":  # stride 1 (torch refuses "same" with a stride): the size is kept
-        return 1 if all(d * (k - 1) % 2 == 0 for d, k in zip(dil, kernel, strict=True)) else None
     pad = _tuple(0 if m.padding == "valid" else m.padding, n)
     if len(set(stride)) != 1:
         return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 
 import pytest
 import torch
@@ -175,3 +176,46 @@ def test_pools_given_as_ints_read_as_their_stride(
     assert shortcut.layout == ("channels_first" if dims else "channels_last")
     x = torch.randn(shape)
     assert block(x).shape == fn(x).shape
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(4, 8, 4, padding="same"),  # even kernel: torch pads asymmetrically
+        nn.Conv1d(4, 8, 3, padding="same", dilation=2),
+        nn.Conv3d(4, 8, (1, 2, 3), padding="same"),
+        nn.Conv2d(4, 8, 1, padding="valid"),  # a 1x1 conv keeps the size unpadded
+    ],
+    ids=["same-even", "same-dilated", "same-3d-mixed", "valid-1x1"],
+)
+def test_same_and_valid_padding_read_as_stride_one(conv: nn.Conv2d) -> None:
+    block = Residual(conv, shortcut="projection")
+    shortcut = block.shortcut
+    assert isinstance(shortcut, ProjectionShortcut)
+    assert (shortcut.in_channels, shortcut.out_channels, shortcut.stride) == (4, 8, 1)
+    x = torch.randn(2, 4, *[5] * (conv.weight.dim() - 2))
+    assert block(x).shape == conv(x).shape
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [nn.Conv1d(4, 8, 2, stride=2, padding="valid"), nn.Conv2d(4, 8, 3, padding="valid")],
+    ids=["valid-strided-floors", "valid-3x3-shrinks"],
+)
+def test_valid_padding_that_changes_the_size_is_not_read(conv: nn.Module) -> None:
+    with pytest.raises(ResidualError, match="needs the branch's channels and stride"):
+        Residual(conv, shortcut="projection")
+
+
+def test_tracing_a_block_with_jit_warns_nothing() -> None:
+    """The checks read shapes quietly under torch.jit.trace: a traced block raises no warning."""
+    from residual.blocks import ResidualBlock
+
+    block = ResidualBlock(4, 8, stride=2).eval()
+    x = torch.randn(2, 4, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)  # type: ignore[attr-defined]
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.9+: jit is deprecated
+        traced = torch.jit.trace(block, x)
+    torch.testing.assert_close(traced(x), block(x))

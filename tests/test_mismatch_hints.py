@@ -50,6 +50,13 @@ CASES = {
     "batch": ((2, 4), (3, 4), "the branch changed the batch size; a residual block must keep it"),
     # rank 3 reads channel-first first: a Conv1d-like branch widening 4 -> 8 channels
     "conv1d widens": ((2, 4, 10), (2, 8, 10), both(4, 8, 1, "channels_first", ", spatial_dims=1")),
+    # read channel-first it only narrows; read channel-last it would be a stride-2 widening
+    "conv1d narrows": (
+        (2, 8, 10),
+        (2, 4, 10),
+        'use a "projection" shortcut to reduce channels: shortcut=ProjectionShortcut(8, 4, '
+        "stride=1, layout='channels_first', spatial_dims=1)",
+    ),
     "features shrink": (
         (2, 8),
         (2, 4),
