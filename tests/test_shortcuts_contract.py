@@ -66,6 +66,13 @@ def batch_norm(y: Tensor, bn: nn.Module) -> Tensor:
     return (y - mean) / torch.sqrt(var + bn.eps) * bn.weight.view(view) + bn.bias.view(view)
 
 
+class Opaque(nn.Module):
+    """A custom forward: its channels and stride cannot be read."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
 # --- 1. the argument checks: class, argument and value named ------------------------------------
 
 CHANNEL_SHORTCUTS: dict[str, Callable[..., nn.Module]] = {
@@ -258,7 +265,7 @@ def test_a_channels_last_projection_takes_a_bias_and_a_norm_factory() -> None:
         return nn.LayerNorm(channels)
 
     proj = randomize(ProjectionShortcut(4, 6, layout="channels_last", bias=True, norm_layer=norm))
-    assert made == [6]
+    assert made == [6] and proj.linear.bias is not None
     x = seeded(3, 5, 4)
     ln = proj.norm
     assert isinstance(ln, nn.LayerNorm)
@@ -467,8 +474,8 @@ def test_an_unknown_name_lists_the_valid_ones() -> None:
     )
     with pytest.raises(ResidualError, match=message):
         resolve_shortcut("projetion")
-    with pytest.raises(ResidualError, match=message):
-        shortcut_for("projetion", nn.Conv2d(2, 4, 1))
+    with pytest.raises(ResidualError, match=message):  # before the branch is read
+        shortcut_for("projetion", Opaque())
 
 
 @pytest.mark.parametrize("given", [{}, {"in_channels": 4}, {"out_channels": 8}])
@@ -530,11 +537,6 @@ def test_the_pooled_projection_is_channel_first_only() -> None:
 
 
 # --- 8. shortcut_for: the dimensions read from the branch ----------------------------------------
-
-
-class Opaque(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return x
 
 
 def test_identity_none_and_no_spec_never_read_the_branch() -> None:
