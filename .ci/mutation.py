@@ -77,7 +77,12 @@ GROUPS = (
     Group(
         "shortcuts",
         ("residual/shortcuts.py",),
-        (*CORE_TESTS, "tests/test_blocks.py", "tests/test_models_cnn.py"),
+        (
+            *CORE_TESTS,
+            "tests/test_shortcuts_contract.py",
+            "tests/test_blocks.py",
+            "tests/test_models_cnn.py",
+        ),
         0.95,
     ),
     Group(

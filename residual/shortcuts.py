@@ -404,11 +404,8 @@ def resolve_shortcut(
             f"shortcut {spec!r} needs in_channels and out_channels; pass a module instead, "
             "e.g. shortcut=ProjectionShortcut(in_channels, out_channels)"
         )
-    if spec == "auto":
-        same = in_channels == out_channels and stride == 1
-        spec = "identity" if same else "projection"
-        if same:
-            return IdentityShortcut()
+    if spec == "auto" and in_channels == out_channels and stride == 1:
+        return IdentityShortcut()  # any other "auto" is the projection at the end
     if spec == "zero_pad":
         return ZeroPadShortcut(in_channels, out_channels, stride=stride, layout=layout)
     if spec == "pooled_projection":
