@@ -131,6 +131,7 @@ GROUPS = (
             "tests/test_hyper_frac.py",
             "tests/test_reversible.py",
             "tests/test_misuse.py",
+            "tests/test_streams_contract.py",
         ),
         0.90,
     ),
