@@ -116,7 +116,7 @@ def _step(m: nn.Module) -> _Step | None:
         return None if stride is None else _Step(m.in_channels, m.out_channels, stride, n)
     if isinstance(m, _POOLS):
         n = {"1d": 1, "2d": 2, "3d": 3}[type(m).__name__[-2:]]
-        stride = _uniform_stride(m, n, ceil=bool(getattr(m, "ceil_mode", False)))
+        stride = _uniform_stride(m, n, ceil=bool(m.ceil_mode))
         return None if stride is None else _Step(None, None, stride, n)
     if isinstance(m, _KEEP_CHANNELS):
         return _Step(None, None, 1, 0)

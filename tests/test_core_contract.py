@@ -163,8 +163,17 @@ def test_a_linear_among_convs_or_a_flooring_pool_is_not_read(fn: nn.Module) -> N
         (nn.Sequential(nn.Sequential(nn.Linear(4, 6)), nn.ReLU(), nn.Linear(6, 8)), (2, 5, 4), 1, 0),
         (nn.Sequential(nn.Conv2d(4, 8, 3, padding=2, dilation=2), nn.MaxPool2d(3, 2, 1, dilation=1)), (2, 4, 9, 8), 2, 2),
         (nn.Sequential(nn.MaxPool2d(2, stride=None, ceil_mode=True), nn.Conv2d(4, 8, 1)), (2, 4, 5, 5), 2, 2),
+        (nn.Sequential(nn.Conv3d(4, 8, 1), nn.AvgPool3d((2, 2, 2), 2, ceil_mode=True)), (1, 4, 3, 4, 5), 2, 3),
     ],
-    ids=["maxpool2d", "avgpool1d", "maxpool3d", "nested-linears", "dilated-padded", "stride-none"],
+    ids=[
+        "maxpool2d",
+        "avgpool1d",
+        "maxpool3d",
+        "nested-linears",
+        "dilated-padded",
+        "stride-none",
+        "avgpool3d-tuple-kernel",
+    ],
 )  # fmt: skip
 def test_pools_given_as_ints_read_as_their_stride(
     fn: nn.Module, shape: tuple[int, ...], stride: int, dims: int
@@ -219,3 +228,79 @@ def test_tracing_a_block_with_jit_warns_nothing() -> None:
         warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.9+: jit is deprecated
         traced = torch.jit.trace(block, x)
     torch.testing.assert_close(traced(x), block(x))
+
+
+@pytest.mark.parametrize(
+    ("rnn", "out"),
+    [
+        (nn.LSTM(4, 8, batch_first=True), 8),
+        (nn.GRU(4, 3, batch_first=True, bidirectional=True), 6),
+        (nn.LSTM(4, 8, batch_first=True, proj_size=3), 3),
+        (nn.LSTM(4, 8, batch_first=True, proj_size=5, bidirectional=True), 10),
+    ],
+    ids=["lstm", "bidirectional-gru", "projected-lstm", "projected-bidirectional"],
+)
+def test_an_rnn_reads_as_its_input_and_output_features(rnn: nn.RNNBase, out: int) -> None:
+    block = Residual(rnn, shortcut="projection")
+    shortcut = block.shortcut
+    assert isinstance(shortcut, ProjectionShortcut)
+    by_hand = ProjectionShortcut(4, out, layout="channels_last")
+    assert (shortcut.in_channels, shortcut.out_channels, shortcut.stride, shortcut.layout) == (
+        4, out, 1, "channels_last"
+    )  # fmt: skip
+    assert shortcut.spatial_dims == by_hand.spatial_dims
+    y, _ = block(torch.randn(2, 5, 4))
+    assert y.shape == (2, 5, out)
+
+
+class CustomWithFn(nn.Module):
+    """Holds an ``fn`` but computes something else: nothing can be read from it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fn = nn.Linear(4, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x).flip(-1)
+
+
+class LooksLikeABlock(nn.Module):
+    """``fn`` and ``shortcut`` submodules, but not a residual block (no ``set_drop_path``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fn, self.shortcut = nn.Linear(4, 8), nn.Linear(4, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x) * self.shortcut(x)
+
+
+class DropsButHasNoFn(nn.Module):
+    """A ``set_drop_path`` method alone does not make a readable block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 8)
+
+    def set_drop_path(self, p: float, drop_mode: str | None = None) -> None:
+        pass
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("cls", [CustomWithFn, LooksLikeABlock, DropsButHasNoFn])
+def test_only_real_residual_blocks_are_read_through(cls: type) -> None:
+    message = NOT_READABLE.replace("and Sequential does", f"and {cls.__name__} does")
+    with pytest.raises(ResidualError, match=f"^{re.escape(message)}$"):
+        Residual(cls(), shortcut="projection")
+
+
+def test_a_nested_block_is_read_with_its_pre() -> None:
+    """An inner block whose shared ``pre`` widens 4 -> 8 channels reads as 4 -> 8."""
+    inner = Residual(nn.Conv2d(8, 8, 3, padding=1), pre=nn.Conv2d(4, 8, 1))
+    outer = Residual(nn.Sequential(inner), shortcut="projection")
+    shortcut = outer.shortcut
+    assert isinstance(shortcut, ProjectionShortcut)
+    assert (shortcut.in_channels, shortcut.out_channels) == (4, 8)
+    assert outer(torch.randn(2, 4, 5, 5)).shape == (2, 8, 5, 5)
