@@ -183,6 +183,8 @@ def test_pools_given_as_ints_read_as_their_stride(
     assert isinstance(shortcut, ProjectionShortcut)
     assert (shortcut.in_channels, shortcut.out_channels, shortcut.stride) == (4, 8, stride)
     assert shortcut.layout == ("channels_first" if dims else "channels_last")
+    by_hand = ProjectionShortcut(4, 8, stride, layout=shortcut.layout, **({"spatial_dims": dims} if dims else {}))  # fmt: skip
+    assert shortcut.spatial_dims == by_hand.spatial_dims  # the same as built by hand
     x = torch.randn(shape)
     assert block(x).shape == fn(x).shape
 
