@@ -183,7 +183,7 @@ def test_pools_given_as_ints_read_as_their_stride(
     assert isinstance(shortcut, ProjectionShortcut)
     assert (shortcut.in_channels, shortcut.out_channels, shortcut.stride) == (4, 8, stride)
     assert shortcut.layout == ("channels_first" if dims else "channels_last")
-    by_hand = ProjectionShortcut(4, 8, stride, layout=shortcut.layout, **({"spatial_dims": dims} if dims else {}))  # fmt: skip
+    by_hand = ProjectionShortcut(4, 8, stride=stride, layout=shortcut.layout, **({"spatial_dims": dims} if dims else {}))  # fmt: skip
     assert shortcut.spatial_dims == by_hand.spatial_dims  # the same as built by hand
     x = torch.randn(shape)
     assert block(x).shape == fn(x).shape
@@ -306,3 +306,43 @@ def test_a_nested_block_is_read_with_its_pre() -> None:
     assert isinstance(shortcut, ProjectionShortcut)
     assert (shortcut.in_channels, shortcut.out_channels) == (4, 8)
     assert outer(torch.randn(2, 4, 5, 5)).shape == (2, 8, 5, 5)
+
+
+def test_scale_by_keep_reaches_the_policy_and_stays_until_changed() -> None:
+    block = Residual(nn.Linear(3, 3), drop_path=0.2, scale_by_keep=False)
+    assert block.drop.scale_by_keep is False and block.scale_by_keep is False
+    block.set_drop_path(0.4)  # None keeps the scaling
+    assert block.drop.scale_by_keep is False and block.scale_by_keep is False
+    block.set_drop_path(0.4, scale_by_keep=True)
+    assert block.drop.scale_by_keep is True and block.scale_by_keep is True
+    fresh = Residual(nn.Linear(3, 3), drop_path=0.2)
+    fresh.set_drop_path(0.3, drop_mode="batch")  # a new policy keeps the default scaling
+    assert fresh.drop.scale_by_keep is True and fresh.scale_by_keep is True
+
+
+def test_changing_the_rate_keeps_the_policy_and_its_draw_state() -> None:
+    torch.manual_seed(0)
+    block = Residual(nn.Linear(3, 3), drop_path=0.2, drop_mode="batch").train()
+    policy = block.drop
+    seed = int(policy.seed)
+    for _ in range(3):
+        block(torch.randn(2, 3))
+    block.set_drop_path(0.3, scale_by_keep=False)
+    assert block.drop is policy  # the same module: its seed and step go on
+    assert (int(policy.seed), int(policy.step)) == (seed, 3)
+    assert policy.p == 0.3 and policy.scale_by_keep is False
+    assert float(policy.keep) == pytest.approx(0.7)
+
+
+def test_no_shortcut_takes_no_drop_path_but_builds_without_one() -> None:
+    plain = Residual(nn.Linear(3, 3), shortcut="none")
+    assert plain.drop is None
+    message = (
+        "Residual: drop_path needs a shortcut; with shortcut='none' dropping the branch would "
+        "drop the whole layer"
+    )
+    with pytest.raises(ResidualError, match=f"^{re.escape(message)}$"):
+        Residual(nn.Linear(3, 3), shortcut="none", drop_path=0.1)
+    with pytest.raises(ResidualError, match=f"^{re.escape(message)}$"):
+        plain.set_drop_path(0.1)
+    plain.set_drop_path(0.0)  # nothing to drop: fine
