@@ -346,3 +346,11 @@ def test_no_shortcut_takes_no_drop_path_but_builds_without_one() -> None:
     with pytest.raises(ResidualError, match=f"^{re.escape(message)}$"):
         plain.set_drop_path(0.1)
     plain.set_drop_path(0.0)  # nothing to drop: fine
+
+
+def test_no_shortcut_takes_no_merge() -> None:
+    from residual.merges import ReZero
+
+    message = "Residual: shortcut='none' adds nothing, so it takes no merge"
+    with pytest.raises(ResidualError, match=f"^{re.escape(message)}$"):
+        Residual(nn.Linear(3, 3), shortcut="none", merge=ReZero())
