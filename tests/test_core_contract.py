@@ -354,3 +354,10 @@ def test_no_shortcut_takes_no_merge() -> None:
     message = "Residual: shortcut='none' adds nothing, so it takes no merge"
     with pytest.raises(ResidualError, match=f"^{re.escape(message)}$"):
         Residual(nn.Linear(3, 3), shortcut="none", merge=ReZero())
+
+
+def test_none_for_the_mode_or_scaling_at_construction_means_the_defaults() -> None:
+    """As in ``set_drop_path``, None keeps the current setting: at construction, the default."""
+    block = Residual(nn.Linear(3, 3), drop_path=0.1, drop_mode=None, scale_by_keep=None)  # type: ignore[arg-type]
+    assert (block.drop_mode, block.scale_by_keep) == ("row", True)
+    assert type(block.drop).__name__ == "RowDrop" and block.drop.scale_by_keep is True
