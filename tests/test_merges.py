@@ -227,3 +227,23 @@ def test_a_merge_built_for_the_other_layout_is_refused_at_build() -> None:
         r"LayerScale\(4, layout='channels_first'\)$",
     ):
         Residual(nn.Conv2d(4, 4, 3, padding=1), merge=LayerScale(4))
+
+
+def test_laurel_rw_needs_two_logits_and_says_so() -> None:
+    from residual.merges import LaurelRW
+
+    message = "LaurelRW: init holds the two logits (alpha, beta), got (0.0, 0.0, 0.0)"
+    with pytest.raises(ResidualError, match=f"^{re.escape(message)}$"):
+        LaurelRW(init=(0.0, 0.0, 0.0))  # type: ignore[arg-type]
+
+
+def test_laurel_rw_weights_take_the_streams_dtype() -> None:
+    """bfloat16 streams get the weights rounded to bfloat16 first, as every other op in them."""
+    from residual.merges import LaurelRW
+
+    merge = LaurelRW(init=(0.7, -0.4))
+    s, b = torch.randn(3, 5).bfloat16(), torch.randn(3, 5).bfloat16()
+    alpha, beta = torch.tensor([0.7, -0.4]).softmax(0).bfloat16().unbind()
+    out = merge(s, b)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, alpha * b + beta * s, rtol=0, atol=0)
