@@ -88,7 +88,12 @@ GROUPS = (
     Group(
         "merges",
         ("residual/merges.py",),
-        ("tests/test_merges.py", "tests/test_core.py", "tests/test_misuse.py"),
+        (
+            "tests/test_merges.py",
+            "tests/test_core.py",
+            "tests/test_misuse.py",
+            "tests/test_depth.py",
+        ),
         0.95,
     ),
     Group(
