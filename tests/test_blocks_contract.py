@@ -254,3 +254,26 @@ def test_a_named_shortcut_reaches_every_block() -> None:
     for cls in BLOCKS:
         block = cls(4, 8, 2, shortcut="zero_pad") if cls is not Bottleneck else cls(4, 2, 2, shortcut="zero_pad")  # fmt: skip
         assert isinstance(block.shortcut, ZeroPadShortcut) and block.shortcut.stride == 2
+
+
+@pytest.mark.parametrize("cls", BLOCKS)
+def test_a_given_identity_module_is_the_shortcut_itself(cls: type) -> None:
+    mine = nn.Identity()
+    block = cls(16, 4, shortcut=mine) if cls is Bottleneck else cls(4, 4, shortcut=mine)
+    assert block.shortcut is mine
+
+
+@pytest.mark.parametrize("cls", BLOCKS)
+def test_projection_blocks_forward_the_residual_options_too(cls: type) -> None:
+    block = cls(4, 8, 2, drop_path=0.2, drop_mode="batch", checkpoint=True)
+    assert isinstance(block.shortcut, ProjectionShortcut)
+    assert (block.drop_path, block.drop_mode, block.checkpoint) == (0.2, "batch", True)
+
+
+@pytest.mark.parametrize("cls", BLOCKS)
+@pytest.mark.parametrize("cout", [4, 8])
+def test_a_norm_factory_builds_every_norm(cls: type, cout: int) -> None:
+    block = cls(4, cout, norm_layer=functools.partial(nn.GroupNorm, 2))
+    norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    assert not norms  # no BatchNorm anywhere, also not in a projection
+    assert sum(isinstance(m, nn.GroupNorm) for m in block.modules()) >= 2
