@@ -277,3 +277,18 @@ def test_a_norm_factory_builds_every_norm(cls: type, cout: int) -> None:
     norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
     assert not norms  # no BatchNorm anywhere, also not in a projection
     assert sum(isinstance(m, nn.GroupNorm) for m in block.modules()) >= 2
+
+
+class UnreadableFactory:
+    """An activation factory whose signature inspect cannot read: built without arguments."""
+
+    __signature__ = "unreadable"  # inspect.signature raises TypeError on it
+
+    def __call__(self, **kwargs: bool) -> nn.Module:
+        return nn.ReLU(**kwargs)
+
+
+def test_a_factory_with_an_unreadable_signature_is_called_without_arguments() -> None:
+    block = ResidualBlock(4, 4, act_layer=UnreadableFactory())  # type: ignore[arg-type]
+    relus = [m for m in block.modules() if isinstance(m, nn.ReLU)]
+    assert len(relus) == 2 and not any(r.inplace for r in relus)
