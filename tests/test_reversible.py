@@ -310,3 +310,35 @@ def test_functional_call_uses_the_given_parameters() -> None:
     out = functional_call(seq.train(), given, (x,))
     torch.testing.assert_close(out, plain_forward(doubled, x))
     assert not torch.allclose(out, seq(x))  # not the module's own parameters
+
+
+class WithSpare(nn.Module):
+    """A branch holding a parameter its forward never uses (a frozen-out head, an ablation)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+        self.spare = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(x))
+
+
+@pytest.mark.parametrize("create_graph", [False, True], ids=["backward", "create_graph"])
+def test_a_parameter_the_branch_never_uses_gets_no_gradient(create_graph: bool) -> None:
+    torch.manual_seed(0)
+    seq = ReversibleSequence(Reversible(WithSpare(3), WithSpare(3))).double()
+    x = torch.randn(4, 6, dtype=torch.double, requires_grad=True)
+    params = list(seq.parameters())
+    grads = torch.autograd.grad(
+        seq(x).square().sum(), [x, *params], create_graph=create_graph, allow_unused=True
+    )
+    plain = torch.autograd.grad(
+        plain_forward(seq, x).square().sum(), [x, *params], allow_unused=True
+    )
+    for (name, _), got, want in zip(seq.named_parameters(), grads[1:], plain[1:], strict=True):
+        if name.endswith("spare"):
+            assert got is None and want is None, name
+        else:
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=0.0, msg=name)
+    torch.testing.assert_close(grads[0], plain[0], atol=1e-12, rtol=0.0)
