@@ -757,3 +757,16 @@ def test_symbolic_trace_equals_eager(
     block = randomise(make(inner(layout), 2, 4, dynamic=dynamic, layout=layout), seed=7)
     h = torch.randn(2 * shape[0], *shape[1:], dtype=F64)
     torch.testing.assert_close(torch.fx.symbolic_trace(block)(h), block(h), atol=1e-12, rtol=0)
+
+
+def test_mhc_matrix_reads_channel_first_streams_in_their_layout() -> None:
+    """The per-token H_res of channel-first streams is that of the same streams channel-last."""
+    torch.manual_seed(0)
+    first = MHCMix(2, 4, layout="channels_first").double()
+    last = MHCMix(2, 4).double()
+    with torch.no_grad():
+        for p in first.parameters():
+            p.copy_(torch.randn_like(p))
+    last.load_state_dict(first.state_dict())
+    h = torch.randn(2 * 3, 4, 5, dtype=torch.float64)  # (n * N, C, L)
+    torch.testing.assert_close(first.matrix(h), last.matrix(h.movedim(1, -1)), rtol=0, atol=0)
