@@ -770,3 +770,15 @@ def test_mhc_matrix_reads_channel_first_streams_in_their_layout() -> None:
     last.load_state_dict(first.state_dict())
     h = torch.randn(2 * 3, 4, 5, dtype=torch.float64)  # (n * N, C, L)
     torch.testing.assert_close(first.matrix(h), last.matrix(h.movedim(1, -1)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "logits",
+    [[[60.0, 60.0, 60.0]] * 3, [[100.0, 99.0], [-100.0, -101.0]]],
+    ids=["large", "rows-far-apart"],
+)
+def test_sinkhorn_is_stable_for_large_and_far_apart_logits(logits: list[list[float]]) -> None:
+    """exp after subtracting each row's max: no overflow, and no row underflowing to 0 / 0."""
+    m = sinkhorn(torch.tensor(logits))
+    n = len(logits)
+    torch.testing.assert_close(m, torch.full((n, n), 1.0 / n))
