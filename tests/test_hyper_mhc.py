@@ -160,6 +160,16 @@ def test_static_matrix_is_doubly_stochastic_at_init_and_parameter_count() -> Non
     assert sum(p.numel() for p in block.parameters()) == 24 + 32 * 24 + 3
 
 
+@pytest.mark.parametrize("layer_index", [None, 0, 1, 6])
+def test_b_pre_favours_the_layer_index_stream_at_init(layer_index: int | None) -> None:
+    kwargs = {} if layer_index is None else {"layer_index": layer_index}
+    branch = MHCBranch(nn.Identity(), 4, 8, **kwargs)  # the default is layer 0
+    want = torch.zeros(4)
+    want[(layer_index or 0) % 4] = 1.0
+    torch.testing.assert_close(branch.pre_bias.detach(), want)
+    assert torch.equal(mhc_residual(nn.Identity(), 4, 8, **kwargs).fn.pre_bias.detach(), want)
+
+
 def test_symbolic_trace_equals_eager() -> None:
     torch.manual_seed(0)
     stack = nn.Sequential(*(mhc_residual(nn.Linear(4, 4), 3, 4, layer_index=i) for i in range(2)))

@@ -342,3 +342,79 @@ def test_a_parameter_the_branch_never_uses_gets_no_gradient(create_graph: bool) 
         else:
             torch.testing.assert_close(got, want, atol=1e-12, rtol=0.0, msg=name)
     torch.testing.assert_close(grads[0], plain[0], atol=1e-12, rtol=0.0)
+
+
+class Constant(nn.Module):
+    """A branch whose output depends on its parameter only, not on its input."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.value = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value.expand_as(x).clone()
+
+
+@pytest.mark.parametrize("constant", ["f", "g"])
+def test_a_branch_that_ignores_its_input_gets_the_plain_gradients(constant: str) -> None:
+    torch.manual_seed(0)
+    f, g = (Constant(3), mlp(3)) if constant == "f" else (mlp(3), Constant(3))
+    seq = ReversibleSequence(Reversible(f, g), Reversible(mlp(3), mlp(3))).double()
+    x = torch.randn(4, 6, dtype=torch.double, requires_grad=True)
+    params = list(seq.parameters())
+    got = torch.autograd.grad(seq(x).square().sum(), [x, *params])
+    want = torch.autograd.grad(plain_forward(seq, x).square().sum(), [x, *params])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0.0)
+
+
+def test_backward_leaves_the_global_rng_where_it_was() -> None:
+    seq = stack(3, 4, dropout=0.5)  # the backward replays every block's dropout masks
+    out = seq(torch.randn(5, 8, requires_grad=True))
+    before = torch.get_rng_state()
+    out.sum().backward()
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_shape_error_in_training_names_the_function() -> None:
+    seq = ReversibleSequence(Reversible(nn.Identity(), FirstChannel()))
+    with pytest.raises(ResidualError, match=r"Reversible: g turned a half of shape \(2, 3\) into"):
+        seq(torch.randn(2, 6, requires_grad=True))
+
+
+class Tied(nn.Module):
+    """One linear layer applied twice: its parameters stand under one name each."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+        self.again = self.linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.again(torch.tanh(self.linear(x)))
+
+
+@pytest.mark.parametrize("create_graph", [False, True], ids=["backward", "create_graph"])
+def test_tied_parameters_get_the_plain_gradients_without_a_functional_call(
+    create_graph: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import residual.reversible as reversible
+
+    calls: list[int] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return functional_call(*args, **kwargs)
+
+    monkeypatch.setattr(reversible, "functional_call", counted)
+    torch.manual_seed(0)
+    seq = ReversibleSequence(Reversible(Tied(3), Tied(3)), Reversible(Tied(3), mlp(3))).double()
+    x = torch.randn(4, 6, dtype=torch.double, requires_grad=True)
+    params = list(seq.parameters())
+    got = torch.autograd.grad(seq(x).square().sum(), [x, *params], create_graph=create_graph)
+    want = torch.autograd.grad(plain_forward(seq, x).square().sum(), [x, *params])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0.0)
+    # the plain backward calls each function with its own parameters (no swap); the
+    # differentiable one binds views of them, and must bind both names of a tied parameter
+    assert (len(calls) > 0) == create_graph
