@@ -123,6 +123,8 @@ GROUPS = (
             "tests/test_golden.py",
             "tests/test_misuse.py",
             "tests/test_models_contract.py",
+            "tests/test_models_small.py",
+            "tests/test_depth.py",
             "tests/peers",
         ),
         0.90,

@@ -289,6 +289,9 @@ FORWARD_ERRORS: list[tuple[str, type[Exception], str, Callable[[], object]]] = [
          torch.nested.nested_tensor([torch.randn(2, 8), torch.randn(3, 8)]))),
     ("attn-mask-int", TypeError, "SelfAttention: attn_mask must be bool or floating, got torch.int64",
      lambda: SelfAttention(8, 2)(ATTN_X, attn_mask=torch.zeros(3, 3, dtype=torch.long))),
+    ("attn-mask-int-per-head", TypeError,
+     "SelfAttention: attn_mask must be bool or floating, got torch.int64",
+     lambda: SelfAttention(8, 2)(ATTN_X, attn_mask=torch.zeros(4, 3, 3, dtype=torch.long))),
     ("padding-int", TypeError,
      "SelfAttention: key_padding_mask must be bool or floating, got torch.int32",
      lambda: SelfAttention(8, 2)(ATTN_X, key_padding_mask=torch.zeros(2, 3, dtype=torch.int))),
@@ -1086,3 +1089,155 @@ def test_factories_build_torchvisions_architectures(
         ((block, layers, 1000), options),
         ((block, layers, 7), {**options, "drop_path": 0.1}),
     ]
+
+
+# --- conversions to and from torch's layer ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("activation", "want"),
+    [(F.relu, F.relu), ("relu", F.relu), (nn.ReLU(), F.relu), ("gelu", F.gelu), (F.gelu, F.gelu)],
+    ids=["F.relu", "relu", "ReLU", "gelu", "F.gelu"],
+)
+def test_to_torch_gives_torchs_own_activation(activation: Any, want: Any) -> None:
+    ref = TransformerEncoderLayer(8, 2, 16, activation=activation).to_torch()
+    assert ref.activation is want  # what torch's constructor stores for these
+    assert ref.activation_relu_or_gelu == (1 if want is F.relu else 2)
+
+
+def test_to_torch_keeps_an_approximate_gelu() -> None:
+    ref = TransformerEncoderLayer(8, 2, 16, activation=nn.GELU(approximate="tanh")).to_torch()
+    assert isinstance(ref.activation, nn.GELU) and ref.activation.approximate == "tanh"
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(ref.activation(x), F.gelu(x, approximate="tanh"))
+
+
+def test_to_torch_and_from_torch_build_on_the_weights_device() -> None:
+    ours = TransformerEncoderLayer(8, 2, 16, device="meta")
+    assert {p.device.type for p in ours.to_torch().parameters()} == {"meta"}
+    ref = nn.TransformerEncoderLayer(8, 2, 16, device="meta")
+    assert {p.device.type for p in TransformerEncoderLayer.from_torch(ref).parameters()} == {"meta"}
+
+
+class ScaledLayer(nn.TransformerEncoderLayer):
+    """A subclass of torch's layer with one more parameter, which ours has no place for."""
+
+    def __init__(self) -> None:
+        super().__init__(8, 2, 16)
+        self.scale = nn.Parameter(torch.ones(()))
+
+
+def test_conversions_refuse_to_drop_or_invent_weights() -> None:
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*\"scale\""):
+        TransformerEncoderLayer.from_torch(ScaledLayer())
+    ours = TransformerEncoderLayer(8, 2, 16, norm_first=True)
+    ours.self_attn_block.fn.norm = nn.LayerNorm(8, bias=False)  # torch's layer has a norm1 bias
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*\"norm1.bias\""):
+        ours.to_torch()
+
+
+@pytest.mark.parametrize("preact", [False, True], ids=["original", "preact"])
+def test_cifar_resnet_relus_outside_the_blocks_run_in_place(preact: bool) -> None:
+    # as torchvision's stem: the activation overwrites the norm's output, no second buffer
+    model = cifar_resnet(8, preact=preact)
+    relu = model.relu_final if preact else model.relu
+    assert isinstance(relu, nn.ReLU) and relu.inplace
+
+
+def test_bool_masks_become_additive_in_the_layers_dtype_and_device() -> None:
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, dtype=torch.double)
+    ours = TransformerEncoderLayer.from_torch(ref).eval()
+    x = torch.randn(2, 5, 8, dtype=torch.double)
+    mask = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    padding = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    out = ours(x, src_mask=mask, src_key_padding_mask=padding)
+    assert out.dtype == torch.double
+    torch.testing.assert_close(out, ref.eval()(x, src_mask=mask, src_key_padding_mask=padding))
+    meta = TransformerEncoderLayer(8, 2, 16, batch_first=True, device="meta")
+    out = meta(x.to("meta"), src_mask=mask.to("meta"), src_key_padding_mask=padding.to("meta"))
+    assert out.device.type == "meta"
+
+
+def test_per_head_bool_masks_in_double() -> None:
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, dtype=torch.double)
+    ours = TransformerEncoderLayer.from_torch(ref).eval()
+    x = torch.randn(2, 5, 8, dtype=torch.double)
+    mask = torch.rand(4, 5, 5) < 0.3  # (N * nhead, L, L)
+    mask[..., 0] = False  # every query keeps a key
+    out = ours(x, src_mask=mask)
+    assert out.dtype == torch.double
+    torch.testing.assert_close(out, ref.eval()(x, src_mask=mask))
+
+
+def mha_from(attn: SelfAttention) -> nn.MultiheadAttention:
+    mha = nn.MultiheadAttention(attn.d_model, attn.nhead, batch_first=True)
+    mha.load_state_dict(
+        {
+            "in_proj_weight": attn.in_proj.weight,
+            "in_proj_bias": attn.in_proj.bias,
+            "out_proj.weight": attn.out_proj.weight,
+            "out_proj.bias": attn.out_proj.bias,
+        }
+    )
+    return mha.eval()
+
+
+def test_a_causal_attention_adds_the_causal_mask_to_the_given_masks() -> None:
+    torch.manual_seed(0)
+    attn = SelfAttention(8, 2, causal=True).eval()
+    x = torch.randn(2, 5, 8)
+    padding = torch.tensor([[False] * 5, [False, False, True, False, True]])
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    want = mha_from(attn)(x, x, x, key_padding_mask=padding, attn_mask=causal)[0]
+    torch.testing.assert_close(attn(x, key_padding_mask=padding), want)
+    extra = torch.zeros(5, 5).index_fill_(1, torch.tensor([1]), -2.0)  # a float mask too
+    want = mha_from(attn)(x, x, x, attn_mask=extra.masked_fill(causal, float("-inf")))[0]
+    torch.testing.assert_close(attn(x, attn_mask=extra), want)
+    meta = SelfAttention(8, 2, causal=True, device="meta")
+    out = meta(x.to("meta"), key_padding_mask=padding.to("meta"))
+    assert out.device.type == "meta"
+
+
+def test_encoder_layer_defaults_are_torchs() -> None:
+    ours, ref = TransformerEncoderLayer(8, 2), nn.TransformerEncoderLayer(8, 2)
+    assert ours.linear1.out_features == ref.linear1.out_features == 2048
+    assert (ours.dropout1.p, ours.dropout.p, ours.dropout2.p) == (0.1, 0.1, 0.1)
+    assert (ours.batch_first, ours.norm_first, ours.activation_relu_or_gelu) == (False, False, 1)
+    assert ours.norm1.eps == ours.norm2.eps == ref.norm1.eps
+    ours.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(ours.to_torch().state_dict(), ref.state_dict())
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_encoder_layer_eps_reaches_both_norms(norm_first: bool) -> None:
+    torch.manual_seed(0)
+    kwargs: dict[str, Any] = {"dropout": 0.0, "layer_norm_eps": 0.5, "norm_first": norm_first}
+    ref = nn.TransformerEncoderLayer(8, 2, 16, **kwargs).eval()
+    ours = TransformerEncoderLayer.from_torch(ref).eval()
+    assert ours.norm1.eps == ours.norm2.eps == 0.5
+    x = torch.randn(5, 2, 8) * 0.3  # small activations: eps 0.5 changes the norms' outputs
+    torch.testing.assert_close(ours(x), ref(x))
+    fresh = TransformerEncoderLayer(8, 2, 16, **kwargs).eval()
+    fresh.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(fresh(x), ref(x))
+
+
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+def test_resnet_avg_down_pools_every_downsampling_shortcut(block: str) -> None:
+    # timm's avg_down ("-d" nets): the first block of every stage whose shape changes gets
+    # pool -> 1x1 conv -> norm, an identity pool at stride 1 (layer1 of a bottleneck net)
+    from residual.shortcuts import PooledProjectionShortcut
+
+    model = ResNet(block, [1, 1, 1, 1], avg_down=True)
+    firsts = [model.layer1[0], model.layer2[0], model.layer3[0], model.layer4[0]]
+    kinds = [type(b.shortcut).__name__ for b in firsts]
+    want = ["PooledProjectionShortcut"] * 3
+    assert kinds == (["IdentityShortcut"] if block == "basic" else [want[0]]) + want
+    assert all(isinstance(b.shortcut, PooledProjectionShortcut) for b in firsts[1:])
+
+
+def test_resnet_stem_relu_runs_in_place() -> None:
+    model = ResNet("basic", [1, 1, 1, 1])
+    assert isinstance(model.relu, nn.ReLU) and model.relu.inplace  # as torchvision's

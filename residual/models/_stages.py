@@ -38,7 +38,7 @@ def make_stages(
     """
     check_drop_rate(caller, drop_path)
     total = sum(blocks_per_stage)
-    rates = linear_drop_rates(drop_path, total) if drop_path > 0 else [0.0] * total
+    rates = linear_drop_rates(drop_path, total)
     stages: list[nn.Sequential] = []
     index = 0
     channels = in_channels

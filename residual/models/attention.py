@@ -93,7 +93,7 @@ def sdpa_mask(
     causal: bool,
     x: Tensor,
     heads: int,
-    batch_first: bool = True,
+    batch_first: bool,
 ) -> tuple[Tensor | None, bool]:
     """``(attn_mask, is_causal)`` for ``scaled_dot_product_attention`` on ``x``: (N, L, D) when
     ``batch_first``, else (L, N, D); or unbatched (L, D).
@@ -346,15 +346,8 @@ class ValueResidualAttention(nn.Module):
         else:
             _check_values(v, first_values)
             mixed = self.lam * v + (1.0 - self.lam) * first_values
-        mask, causal = sdpa_mask(None, None, False, attn.causal, x, attn.nhead)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            mixed,
-            attn_mask=mask,
-            dropout_p=attn.dropout if self.training else 0.0,
-            is_causal=causal,
-        )
+        p = attn.dropout if self.training else 0.0  # no masks: SDPA's own causal flag
+        out = F.scaled_dot_product_attention(q, k, mixed, dropout_p=p, is_causal=attn.causal)
         return self.dropout(attn.out_proj(merge_heads(out, x, True))), v
 
     def extra_repr(self) -> str:
