@@ -25,5 +25,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         need = _NEEDS.get(item.name)
         if need is not None and not _importable(need[0]):
             item.add_marker(
-                pytest.mark.skip(reason=f"needs {need[0]}: pip install 'pytorch-residual[{need[1]}]'")
+                pytest.mark.skip(
+                    reason=f"needs {need[0]}: pip install 'pytorch-residual[{need[1]}]'"
+                )
             )
