@@ -1171,29 +1171,17 @@ def test_per_head_bool_masks_in_double() -> None:
     torch.testing.assert_close(out, ref.eval()(x, src_mask=mask))
 
 
-def mha_from(attn: SelfAttention) -> nn.MultiheadAttention:
-    mha = nn.MultiheadAttention(attn.d_model, attn.nhead, batch_first=True)
-    mha.load_state_dict(
-        {
-            "in_proj_weight": attn.in_proj.weight,
-            "in_proj_bias": attn.in_proj.bias,
-            "out_proj.weight": attn.out_proj.weight,
-            "out_proj.bias": attn.out_proj.bias,
-        }
-    )
-    return mha.eval()
-
-
 def test_a_causal_attention_adds_the_causal_mask_to_the_given_masks() -> None:
     torch.manual_seed(0)
     attn = SelfAttention(8, 2, causal=True).eval()
     x = torch.randn(2, 5, 8)
     padding = torch.tensor([[False] * 5, [False, False, True, False, True]])
     causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
-    want = mha_from(attn)(x, x, x, key_padding_mask=padding, attn_mask=causal)[0]
+    mha = _mha_like(attn, True).eval()
+    want = mha(x, x, x, key_padding_mask=padding, attn_mask=causal)[0]
     torch.testing.assert_close(attn(x, key_padding_mask=padding), want)
     extra = torch.zeros(5, 5).index_fill_(1, torch.tensor([1]), -2.0)  # a float mask too
-    want = mha_from(attn)(x, x, x, attn_mask=extra.masked_fill(causal, float("-inf")))[0]
+    want = mha(x, x, x, attn_mask=extra.masked_fill(causal, float("-inf")))[0]
     torch.testing.assert_close(attn(x, attn_mask=extra), want)
     meta = SelfAttention(8, 2, causal=True, device="meta")
     out = meta(x.to("meta"), key_padding_mask=padding.to("meta"))
@@ -1228,14 +1216,10 @@ def test_encoder_layer_eps_reaches_both_norms(norm_first: bool) -> None:
 def test_resnet_avg_down_pools_every_downsampling_shortcut(block: str) -> None:
     # timm's avg_down ("-d" nets): the first block of every stage whose shape changes gets
     # pool -> 1x1 conv -> norm, an identity pool at stride 1 (layer1 of a bottleneck net)
-    from residual.shortcuts import PooledProjectionShortcut
-
     model = ResNet(block, [1, 1, 1, 1], avg_down=True)
     firsts = [model.layer1[0], model.layer2[0], model.layer3[0], model.layer4[0]]
-    kinds = [type(b.shortcut).__name__ for b in firsts]
-    want = ["PooledProjectionShortcut"] * 3
-    assert kinds == (["IdentityShortcut"] if block == "basic" else [want[0]]) + want
-    assert all(isinstance(b.shortcut, PooledProjectionShortcut) for b in firsts[1:])
+    first = "IdentityShortcut" if block == "basic" else "PooledProjectionShortcut"
+    assert [type(b.shortcut).__name__ for b in firsts] == [first] + ["PooledProjectionShortcut"] * 3
 
 
 def test_resnet_stem_relu_runs_in_place() -> None:
