@@ -50,6 +50,8 @@ from residual.streams._fold import (
     layer_normed_matmul,
     native,
     per_stream,
+    stream_spread,
+    stream_sum,
     token_mix,
 )
 
@@ -194,10 +196,10 @@ class HyperBranch(nn.Module):
             width = self.width_dynamic.scale * dyn[..., :1] + along_streams(self.width, last)
             depth = self.depth_dynamic.scale * dyn[..., 1:] + along_streams(self.depth, last)
             width, depth = native(width, self.layout), native(depth, self.layout)
-            x = (width * s).sum(0)  # (N, ...): the branch's input
+            x = stream_sum(width, s)  # (N, ...): the branch's input
         out = self.fn(x)
         check_branch_shape(x, out, "HyperBranch")
-        return (depth * out.unsqueeze(0)).flatten(0, 1)
+        return stream_spread(depth, out).flatten(0, 1)
 
     def extra_repr(self) -> str:
         return f"streams={self.streams}, dim={self.dim}, layout={self.layout!r}"
@@ -244,6 +246,8 @@ for _name in (
     "check_branch_shape",
     "check_stream_batch",
     "layer_normed_matmul",
+    "stream_spread",
+    "stream_sum",
     "token_mix",
 ):
     torch.fx.wrap(_name)

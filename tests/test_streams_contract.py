@@ -30,7 +30,14 @@ from residual.hyper import (
     sinkhorn,
 )
 from residual.reversible import Reversible, ReversibleSequence
-from residual.streams._fold import skinny_matmul, token_mix
+from residual.streams._fold import (
+    layer_normed_matmul,
+    stream_spread,
+    stream_sum,
+    thin_product,
+    token_mix,
+)
+from residual.streams.mhc import _flat_rms_projection
 
 F64 = torch.float64
 LAYOUT_HINT = (
@@ -296,20 +303,97 @@ def test_token_mix_gradients_by_value_broadcast_matrix(grads: str) -> None:
 
 
 @pytest.mark.parametrize("w_shape", [(4, 2), (3, 1, 4, 2)], ids=["shared", "per-stream"])
-@pytest.mark.parametrize("grads", ["both", "x", "w"])
-def test_skinny_matmul_gradients_by_value(w_shape: tuple[int, ...], grads: str) -> None:
+def test_thin_product_is_the_matmul(w_shape: tuple[int, ...]) -> None:
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 5, 4, generator=gen, dtype=F64).requires_grad_(grads in ("both", "x"))
-    w = torch.randn(w_shape, generator=gen, dtype=F64).requires_grad_(grads in ("both", "w"))
-    wrt = [t for t in (x, w) if t.requires_grad]
-    out = skinny_matmul(x, w)
-    torch.testing.assert_close(out, x @ w, atol=1e-12, rtol=0)
+    x = torch.randn(3, 5, 4, generator=gen, dtype=F64)
+    w = torch.randn(w_shape, generator=gen, dtype=F64)
+    torch.testing.assert_close(thin_product(x, w), x @ w, atol=1e-12, rtol=0)
+
+
+def grads_by_value(fn: Any, ref: Any, inputs: list[Tensor], wrt: list[bool], seed: int) -> None:
+    """``fn`` equals ``ref`` (float64, to 1e-12) in value and in the gradient of every input
+    marked in ``wrt``, taken through a random weighting of the output."""
+    gen = torch.Generator().manual_seed(seed)
+    leaves = [t.detach().clone().requires_grad_(w) for t, w in zip(inputs, wrt, strict=True)]
+    out, expected = fn(*leaves), ref(*leaves)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
     weight = torch.randn(out.shape, generator=gen, dtype=F64)
-    got = torch.autograd.grad((out * weight).sum(), wrt)
-    want = torch.autograd.grad(((x @ w) * weight).sum(), wrt)
+    chosen = [t for t in leaves if t.requires_grad]
+    got = torch.autograd.grad((out * weight).sum(), chosen)
+    want = torch.autograd.grad((expected * weight).sum(), chosen)
     for a, b in zip(got, want, strict=True):
         assert a.shape == b.shape
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+WRT = {"both": [True, True], "first": [True, False], "second": [False, True]}
+
+
+def layer_norm_then_matmul(x: Tensor, w: Tensor) -> Tensor:
+    return nn.functional.layer_norm(x, x.shape[-1:]) @ w
+
+
+@pytest.mark.parametrize("grads", list(WRT))
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_layer_normed_matmul_is_layer_norm_then_matmul(grads: str, layout: str, k: int) -> None:
+    gen = torch.Generator().manual_seed(k)
+    x = 2 * torch.randn(3, 5, 6, generator=gen, dtype=F64) + 0.5
+    if layout == "strided":  # channels moved last from a channels-first tensor: not contiguous
+        x = torch.randn(3, 6, 5, generator=gen, dtype=F64).movedim(1, -1)
+    w = torch.randn(6, k, generator=gen, dtype=F64)
+    grads_by_value(layer_normed_matmul, layer_norm_then_matmul, [x, w], WRT[grads], k)
+    assert torch.autograd.gradgradcheck(
+        layer_normed_matmul, (x.requires_grad_(), w.requires_grad_())
+    )
+
+
+def test_layer_normed_matmul_centres_before_squaring() -> None:
+    # A mean 1000 stds from zero: E[x²] - E[x]² would lose every digit of the variance in
+    # float32; the variance of the centred rows keeps layer_norm's accuracy.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 256, generator=gen) + 1000.0
+    w = torch.randn(256, 4, generator=gen)
+    exact_out = layer_norm_then_matmul(x.double(), w.double())
+    torch.testing.assert_close(layer_normed_matmul(x, w).double(), exact_out, atol=2e-2, rtol=0)
+    torch.testing.assert_close(layer_norm_then_matmul(x, w).double(), exact_out, atol=2e-2, rtol=0)
+
+
+def per_token_weights(shape: str, n: int, gen: torch.Generator) -> Tensor:
+    return torch.randn((n, 5, 1) if shape == "per-token" else (n, 1, 1), generator=gen, dtype=F64)
+
+
+@pytest.mark.parametrize("grads", list(WRT))
+@pytest.mark.parametrize("shape", ["per-token", "per-stream"])
+def test_stream_sum_and_spread_by_value(grads: str, shape: str) -> None:
+    gen = torch.Generator().manual_seed(4)
+    w = per_token_weights(shape, 3, gen)
+    streams, x = torch.randn(3, 5, 4, generator=gen, dtype=F64), torch.randn(5, 4, dtype=F64)
+    grads_by_value(stream_sum, lambda a, b: (a * b).sum(0), [w, streams], WRT[grads], 5)
+    grads_by_value(stream_spread, lambda a, b: a * b, [w, x], WRT[grads], 6)
+    for fn, args in ((stream_sum, (w, streams)), (stream_spread, (w, x))):
+        leaves = tuple(t.detach().clone().requires_grad_() for t in args)
+        assert torch.autograd.gradgradcheck(fn, leaves)
+
+
+def rms_projection_reference(last: Tensor, weight: Tensor) -> Tensor:
+    n, channels = last.shape[0], last.shape[-1]
+    scale = torch.rsqrt(last.square().sum((0, -1)) / (n * channels) + 1e-6).unsqueeze(-1)
+    return torch.einsum("i...c,ick->...k", last, weight) * scale
+
+
+@pytest.mark.parametrize("grads", list(WRT))
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_flat_rms_projection_by_value(grads: str, layout: str) -> None:
+    gen = torch.Generator().manual_seed(7)
+    last = torch.randn(3, 2, 5, 4, generator=gen, dtype=F64)
+    if layout == "strided":
+        last = torch.randn(3, 2, 4, 5, generator=gen, dtype=F64).movedim(2, -1)
+    weight = torch.randn(3, 4, 6, generator=gen, dtype=F64)
+    grads_by_value(_flat_rms_projection, rms_projection_reference, [last, weight], WRT[grads], 8)
+    leaves = (last.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_())
+    assert torch.autograd.gradgradcheck(_flat_rms_projection, leaves)
 
 
 # --- mHC --------------------------------------------------------------------------------------

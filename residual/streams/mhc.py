@@ -34,7 +34,9 @@ from residual.streams._fold import (
     check_branch_shape,
     native,
     per_stream,
-    skinny_matmul,
+    stream_spread,
+    stream_sum,
+    thin_product,
     token_mix,
 )
 
@@ -105,16 +107,55 @@ def _sinkhorn(logits: Tensor, iters: int) -> Tensor:
     return out
 
 
+class _RmsProjection(torch.autograd.Function):
+    """``RMSNorm(vec(x)) @ phi`` per token as ``rsqrt(mean(x²) + eps) * sum_i x_i @ phi_i``: the
+    norm spans all n streams of a token and is applied after the matmul (a scalar per token), so
+    no normalised copy is written; the backward folds the norm's term into one multiply-add on
+    the matmul's input gradient (autograd would write a second stream-sized gradient for it).
+    """
+
+    @staticmethod
+    def forward(last: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        n, channels = last.shape[0], last.shape[-1]
+        flat = last.reshape(n, -1, channels)
+        dtype = torch.promote_types(last.dtype, torch.float32)
+        squares = torch.linalg.vector_norm(flat, dim=-1, dtype=dtype).square().sum(0)  # (M,)
+        rstd = torch.rsqrt(squares / (n * channels) + eps)
+        raw = thin_product(flat, weight).sum(0)  # (M, K)
+        out = (raw * rstd.unsqueeze(1)).to(raw.dtype)
+        return out.unflatten(0, last.shape[1:-1]), rstd
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, float], output: Any) -> None:
+        last, weight, ctx.eps = inputs
+        out, rstd = output
+        ctx.mark_non_differentiable(rstd)
+        ctx.save_for_backward(last, weight, out, rstd)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, *_: Any) -> tuple[Tensor | None, Tensor | None, None]:
+        last, weight, out, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the norm as a function of the streams
+            out, rstd = _RmsProjection.forward(last, weight, ctx.eps)
+        n, channels, k = weight.shape
+        flat, g = last.reshape(n, -1, channels), grad.reshape(-1, k)
+        g_raw = (g * rstd.unsqueeze(1)).to(weight.dtype)  # d/d(sum_i x_i @ phi_i)
+        g_ms = -0.5 * rstd.square() * (g * out.reshape(-1, k)).sum(-1)  # d/d mean(x²)
+        grad_last = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            scale = (2 / (n * channels) * g_ms).unsqueeze(1).to(last.dtype)
+            grad_flat = torch.matmul(g_raw, weight.mT).to(last.dtype).addcmul_(scale, flat)
+            grad_last = grad_flat.view(last.shape)
+        if ctx.needs_input_grad[1]:  # (g_rawᵀ x_i)ᵀ: the fast orientation on CPU BLAS
+            grad_weight = torch.matmul(g_raw.t(), flat.to(weight.dtype)).mT
+        return grad_last, grad_weight, None
+
+
 def _flat_rms_projection(last: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """``RMSNorm(vec(x)) @ phi`` per token: ``last`` ``(n, N, ..., C)``, ``weight`` ``(n, C, K)``.
-
-    The norm spans all n streams of a token; it is applied after the matmul (a scalar per
-    token), so no normalised copy of the streams is written. Returns ``(N, ..., K)``.
-    """
-    n, channels = last.shape[0], last.shape[-1]
-    raw = skinny_matmul(last.flatten(1, -2), weight).sum(0)  # (M, K)
-    ms = torch.linalg.vector_norm(last, dim=-1).square().sum(0) / (n * channels)  # (N, ...)
-    return raw.view(*ms.shape, -1) * torch.rsqrt(ms + eps).unsqueeze(-1)
+    Returns ``(N, ..., K)`` (see :class:`_RmsProjection`)."""
+    out: Tensor = _RmsProjection.apply(last, weight, eps)[0]
+    return out
 
 
 def _stream_first(coef: Tensor, layout: Layout) -> Tensor:
@@ -178,11 +219,11 @@ class MHCBranch(nn.Module):
             proj = _flat_rms_projection(last, self.weight)  # (N, ..., 2n)
             pre = torch.sigmoid(self.pre_scale * proj[..., :n] + self.pre_bias)
             post = 2 * torch.sigmoid(self.post_scale * proj[..., n:] + self.post_bias)
-            x = (_stream_first(pre, self.layout) * s).sum(0)
+            x = stream_sum(_stream_first(pre, self.layout), s)
             post = _stream_first(post, self.layout)
         out = self.fn(x)
         check_branch_shape(x, out, "MHCBranch")
-        return (post * out.unsqueeze(0)).flatten(0, 1)
+        return stream_spread(post, out).flatten(0, 1)
 
     def extra_repr(self) -> str:
         return f"streams={self.streams}, dim={self.dim}, layout={self.layout!r}"
@@ -295,5 +336,12 @@ def mhc_residual(
     return Residual(branch, shortcut=mix, post=post, drop_path=drop_path)
 
 
-for _name in ("along_streams", "check_branch_shape", "_flat_rms_projection", "token_mix"):
+for _name in (
+    "along_streams",
+    "check_branch_shape",
+    "_flat_rms_projection",
+    "stream_spread",
+    "stream_sum",
+    "token_mix",
+):
     torch.fx.wrap(_name)
