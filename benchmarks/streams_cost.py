@@ -7,10 +7,14 @@ process (medians of rounds, ratios to plain per round). Activation memory: the b
 tensors autograd saves in one forward (``saved_tensors_hooks``, each storage once, parameters
 left out). lucidrains' rows need ``pip install hyper-connections`` (the ``peers`` extra).
 ``--compile NAME ...`` adds those variants under ``torch.compile`` (copies of the eager models),
-timed in the same rounds, each compiled row's ratio taken to compiled plain.
+timed in the same rounds, each compiled row's ratio taken to compiled plain. ``--floor`` adds the
+dynamic variants with their coefficient projections made free (a zero tensor in place of
+``norm(H) W``; the gradients of everything else unchanged): what the rest of a dynamic layer
+costs, the floor that a faster projection could reach.
 
     python benchmarks/streams_cost.py --quick
     python benchmarks/streams_cost.py --json benchmarks/results/streams_cost_cpu.json
+    python benchmarks/streams_cost.py --only "hyper dynamic" "mHC dynamic" --floor
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from _timing import interleaved, ms, print_header, print_table, write_json
 from torch import Tensor, nn
 
-from residual import Residual
+from residual import Residual, hyper
 from residual.hyper import (
     expand_streams,
     frac_residual,
@@ -33,6 +37,7 @@ from residual.hyper import (
     reduce_streams,
 )
 from residual.models import FeedForward
+from residual.streams import mhc
 
 
 class Streams(nn.Module):
@@ -58,6 +63,27 @@ class Fn(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fn(x)
+
+
+class FreeProjections(nn.Module):
+    """Runs ``model`` with the dynamic coefficients' projections replaced by zeros of their
+    shape (plus ``0 * W.sum()``, so the weights stay in the graph): a what-if, for ``--floor``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        def free(s: Tensor, w: Tensor) -> Tensor:
+            return s.new_zeros(*s.shape[int(w.dim() == 3) : -1], w.shape[-1]) + 0 * w.sum()
+
+        saved = hyper.layer_normed_matmul, mhc._flat_rms_projection
+        hyper.layer_normed_matmul = mhc._flat_rms_projection = free
+        try:
+            out: Tensor = self.model(x)
+        finally:
+            hyper.layer_normed_matmul, mhc._flat_rms_projection = saved
+        return out
 
 
 def ffn(d: int) -> nn.Module:
@@ -141,6 +167,9 @@ def main() -> None:
     parser.add_argument(
         "--compile", nargs="*", default=[], help="variants also run under torch.compile"
     )
+    parser.add_argument(
+        "--floor", action="store_true", help="add the dynamic rows with free projections"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -152,6 +181,9 @@ def main() -> None:
     models = variants(args.blocks, args.dim, args.streams)
     if args.only:
         models = {k: v for k, v in models.items() if k == "plain" or k in args.only}
+    if args.floor:
+        for name in [k for k in models if k in ("hyper dynamic", "mHC dynamic")]:
+            models[f"{name}, projections free"] = FreeProjections(copy.deepcopy(models[name]))
     x = torch.randn(args.batch, args.tokens, args.dim)
     memory = {name: saved_bytes(m, x) for name, m in models.items()}  # eager only
     if args.compile:

@@ -7,6 +7,7 @@ inverse and memory-saving backward against plain autograd."""
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any
 
@@ -31,14 +32,16 @@ from residual.hyper import (
 )
 from residual.reversible import Reversible, ReversibleSequence
 from residual.streams._fold import (
+    _normed_matmul,
     layer_normed_matmul,
     stream_spread,
     stream_sum,
     thin_product,
     token_mix,
 )
-from residual.streams.mhc import _flat_rms_projection
+from residual.streams.mhc import _flat_rms_projection, _rms_projection
 
+F32 = torch.float32
 F64 = torch.float64
 LAYOUT_HINT = (
     "; use 'channels_first' (N, C, *spatial: conv) or 'channels_last' (..., C: MLP, RNN, "
@@ -394,6 +397,43 @@ def test_flat_rms_projection_by_value(grads: str, layout: str) -> None:
     grads_by_value(_flat_rms_projection, rms_projection_reference, [last, weight], WRT[grads], 8)
     leaves = (last.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_())
     assert torch.autograd.gradgradcheck(_flat_rms_projection, leaves)
+
+
+def test_kernels_keep_float32_statistics_for_bfloat16_streams() -> None:
+    gen = torch.Generator().manual_seed(9)
+    x = (torch.randn(2, 6, 16, generator=gen) + 3).bfloat16()  # a mean bfloat16 would round
+    w = torch.randn(16, 3, generator=gen).bfloat16()
+    phi = torch.randn(2, 16, 5, generator=gen).bfloat16()
+    out, mean, rstd = _normed_matmul(x, w, 1e-5)
+    assert (out.dtype, mean.dtype, rstd.dtype) == (torch.bfloat16, F32, F32)
+    # as close to the float64 truth as torch's own bfloat16 layer_norm then matmul (0.018 here;
+    # subtracting mean * 1ᵀw after a bfloat16 product of the raw rows would be off by ~0.1)
+    truth = layer_norm_then_matmul(x.double(), w.double())
+    torch_error = (layer_norm_then_matmul(x, w).double() - truth).abs().max()
+    assert (out.double() - truth).abs().max() <= 1.5 * torch_error
+    proj, scale = _rms_projection(x, phi, 1e-6)
+    assert (proj.dtype, scale.dtype) == (torch.bfloat16, F32)
+    truth = rms_projection_reference(x.double(), phi.double())
+    assert (proj.double() - truth).abs().max() <= 2**-7 * truth.abs().max()
+
+
+@pytest.mark.parametrize("make", [hyper_residual, mhc_residual, frac_residual])
+def test_bfloat16_layers_stay_bfloat16_forward_and_backward(make: Any) -> None:
+    torch.manual_seed(10)
+    block = make(nn.Linear(16, 16), 4, 16)
+    for p in block.parameters():  # dynamic parts away from their zero init
+        p.data.add_(0.05 * torch.randn_like(p))
+    h = torch.randn(4 * 3, 5, 16)
+    low = copy.deepcopy(block).bfloat16()
+    out, ref = low(h.bfloat16().requires_grad_()), block(h.requires_grad_())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
+    out.float().square().sum().backward()
+    ref.square().sum().backward()
+    for (name, p), q in zip(low.named_parameters(), block.parameters(), strict=True):
+        assert p.grad is not None and p.grad.dtype == torch.bfloat16, name
+        scale = q.grad.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(p.grad.float() / scale, q.grad / scale, atol=0.1, rtol=0.05)
 
 
 # --- mHC --------------------------------------------------------------------------------------

@@ -107,54 +107,57 @@ def _sinkhorn(logits: Tensor, iters: int) -> Tensor:
     return out
 
 
+def _rms_projection(last: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``rsqrt(mean(x²) + eps) * sum_i x_i @ phi_i`` per token, and that rsqrt (float32 at
+    least): ``last`` ``(n, N, ..., C)``, ``weight`` ``(n, C, K)`` -> ``(N, ..., K)``."""
+    n, channels = last.shape[0], last.shape[-1]
+    flat = last.reshape(n, -1, channels)
+    dtype = torch.promote_types(last.dtype, torch.float32)
+    squares = torch.linalg.vector_norm(flat, dim=2, dtype=dtype).square().sum(0)  # (M,)
+    rstd = torch.rsqrt(squares / (n * channels) + eps)
+    raw = thin_product(flat, weight).sum(0)  # (M, K)
+    out = (raw * rstd.unsqueeze(1)).to(raw.dtype)
+    return out.unflatten(0, last.shape[1:-1]), rstd
+
+
 class _RmsProjection(torch.autograd.Function):
-    """``RMSNorm(vec(x)) @ phi`` per token as ``rsqrt(mean(x²) + eps) * sum_i x_i @ phi_i``: the
-    norm spans all n streams of a token and is applied after the matmul (a scalar per token), so
-    no normalised copy is written; the backward folds the norm's term into one multiply-add on
-    the matmul's input gradient (autograd would write a second stream-sized gradient for it).
+    """``RMSNorm(vec(x)) @ phi`` per token: the norm spans all n streams of a token and is
+    applied after the matmul (a scalar per token), so no normalised copy is written; the
+    backward folds the norm's term into one multiply-add on the matmul's input gradient
+    (autograd would write a second stream-sized gradient for it), computed in the norm's dtype
+    (autograd casts the gradients back).
     """
 
     @staticmethod
-    def forward(last: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-        n, channels = last.shape[0], last.shape[-1]
-        flat = last.reshape(n, -1, channels)
-        dtype = torch.promote_types(last.dtype, torch.float32)
-        squares = torch.linalg.vector_norm(flat, dim=-1, dtype=dtype).square().sum(0)  # (M,)
-        rstd = torch.rsqrt(squares / (n * channels) + eps)
-        raw = thin_product(flat, weight).sum(0)  # (M, K)
-        out = (raw * rstd.unsqueeze(1)).to(raw.dtype)
-        return out.unflatten(0, last.shape[1:-1]), rstd
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, float], output: Any) -> None:
-        last, weight, ctx.eps = inputs
-        out, rstd = output
-        ctx.mark_non_differentiable(rstd)
+    def forward(ctx: Any, last: Tensor, weight: Tensor, eps: float) -> Tensor:
+        out, rstd = _rms_projection(last, weight, eps)
+        ctx.eps = eps
         ctx.save_for_backward(last, weight, out, rstd)
+        return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor, *_: Any) -> tuple[Tensor | None, Tensor | None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         last, weight, out, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the norm as a function of the streams
-            out, rstd = _RmsProjection.forward(last, weight, ctx.eps)
+            out, rstd = _rms_projection(last, weight, ctx.eps)
         n, channels, k = weight.shape
-        flat, g = last.reshape(n, -1, channels), grad.reshape(-1, k)
-        g_raw = (g * rstd.unsqueeze(1)).to(weight.dtype)  # d/d(sum_i x_i @ phi_i)
-        g_ms = -0.5 * rstd.square() * (g * out.reshape(-1, k)).sum(-1)  # d/d mean(x²)
+        flat = last.reshape(n, -1, channels).to(rstd.dtype)
+        weight, g = weight.to(rstd.dtype), grad.reshape(-1, k)
+        g_raw = g * rstd.unsqueeze(1)  # d/d(sum_i x_i @ phi_i)
+        g_ms = -0.5 * rstd.square() * (g * out.reshape(-1, k)).sum(1)  # d/d mean(x²)
         grad_last = grad_weight = None
         if ctx.needs_input_grad[0]:
-            scale = (2 / (n * channels) * g_ms).unsqueeze(1).to(last.dtype)
-            grad_flat = torch.matmul(g_raw, weight.mT).to(last.dtype).addcmul_(scale, flat)
-            grad_last = grad_flat.view(last.shape)
+            scale = (2 / (n * channels) * g_ms).unsqueeze(1)
+            grad_last = torch.matmul(g_raw, weight.mT).addcmul_(scale, flat).view(last.shape)
         if ctx.needs_input_grad[1]:  # (g_rawᵀ x_i)ᵀ: the fast orientation on CPU BLAS
-            grad_weight = torch.matmul(g_raw.t(), flat.to(weight.dtype)).mT
+            grad_weight = torch.matmul(g_raw.t(), flat).mT
         return grad_last, grad_weight, None
 
 
 def _flat_rms_projection(last: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """``RMSNorm(vec(x)) @ phi`` per token: ``last`` ``(n, N, ..., C)``, ``weight`` ``(n, C, K)``.
     Returns ``(N, ..., K)`` (see :class:`_RmsProjection`)."""
-    out: Tensor = _RmsProjection.apply(last, weight, eps)[0]
+    out: Tensor = _RmsProjection.apply(last, weight, eps)
     return out
 
 
