@@ -498,6 +498,51 @@ def run_task(
     return {"metric": task.metric, "best": best, "variants": variants}
 
 
+def merge_into(path: Path, result: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The results file at ``path`` with ``names`` replaced (or added) from ``result``.
+
+    Both runs must share the configuration; the step-time ratios of the merged variants are to
+    the pre-norm timed beside them in ``result``'s process. Each merge is recorded under
+    ``"added"`` with its command, machine and both pre-norm results (training is seeded, so
+    the two should agree). A merged variant that would become a task's best is refused: that
+    task's stochastic-depth row was trained on the old best.
+    """
+    saved: dict[str, Any] = json.loads(path.read_text())
+    if saved["config"] != result["config"]:
+        raise SystemExit(
+            f"--merge-into: {path} was trained with {saved['config']}, this run with "
+            f"{result['config']}; use the same configuration"
+        )
+    for task_name, res in result["tasks"].items():
+        kept = saved["tasks"][task_name]
+        metric, best = kept["metric"], kept["best"]
+        for name in names:
+            if res["variants"][name]["mean"][metric] < kept["variants"][best]["mean"][metric]:
+                raise SystemExit(
+                    f"--merge-into: {name} would beat {best} on {task_name}, whose stochastic "
+                    "depth row was trained on it; run every variant again instead"
+                )
+            kept["variants"][name] = res["variants"][name]
+    added = saved.get("added", [])
+    saved["added"] = [*([added] if isinstance(added, dict) else added)]
+    saved["added"].append(
+        {
+            "variants": names,
+            "command": result["command"],
+            "machine": result["machine"],
+            "wall_seconds": result["wall_seconds"],
+            "pre-norm": {
+                task: {
+                    "then": saved["tasks"][task]["variants"]["pre-norm"]["mean"],
+                    "now": res["variants"]["pre-norm"]["mean"],
+                }
+                for task, res in result["tasks"].items()
+            },
+        }
+    )
+    return saved
+
+
 # Output -------------------------------------------------------------------------------------------
 
 
@@ -567,6 +612,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--context", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--from-json", default=None, help="print and plot saved results only")
+    parser.add_argument(
+        "--merge-into",
+        default=None,
+        help="put the variants trained (pre-norm aside) into this results file, same config",
+    )
     args = parser.parse_args(argv)
     if args.from_json:
         saved: dict[str, Any] = json.loads(Path(args.from_json).read_text())
@@ -609,6 +659,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table(result)
     print(f"\nwall time {result['wall_seconds']:.0f} s")
     write_json(args.json, result)
+    if args.merge_into:
+        result = merge_into(Path(args.merge_into), result, [n for n in names if n != "pre-norm"])
+        write_json(args.merge_into, result)
     if args.png:
         plot(result, args.png)
     return result

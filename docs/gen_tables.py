@@ -339,8 +339,9 @@ def arena(task: str) -> Table:
         for name, v in ((n, res["variants"][n]) for n in order)
     ]
     sources = [(run["command"], describe(run["machine"]))]
-    if "added" in run:  # variants trained later by the same script with the same config
-        sources.append((run["added"]["command"], describe(run["added"]["machine"])))
+    added = run.get("added", [])  # variants trained later by the same script and config
+    for extra in [added] if isinstance(added, dict) else added:
+        sources.append((extra["command"], describe(extra["machine"])))
     return Table(
         sources=sources,
         header=["variant", *(f"{m} (mean ± std)" for m in metrics), "params", "step time"],

@@ -36,3 +36,54 @@ def test_arena_quick_trains_every_variant(tmp_path: Path) -> None:
             (step0, first), (last, end) = run["curve"][0], run["curve"][-1]
             assert (step0, last) == (0, 15) and end < first, (name, variant, run["curve"])
             assert v["mean"][metric] == run["final"][metric] and v["std"][metric] == 0.0
+
+
+def test_arena_merges_variants_into_an_earlier_run(tmp_path: Path) -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    import arena
+
+    out = tmp_path / "arena.json"
+    tiny = ["--quick", "--d-model", "16", "--layers", "1", "--context", "16"]
+    tiny += ["--char-steps", "10", "--digits-steps", "10"]
+    arena.main([*tiny, "--variants", "pre-norm,post-norm", "--json", str(out)])
+    first = json.loads(out.read_text())
+    arena.main([*tiny, "--variants", "pre-norm,layerscale", "--merge-into", str(out)])
+    merged = json.loads(out.read_text())
+    for task, res in merged["tasks"].items():
+        assert set(res["variants"]) == {*first["tasks"][task]["variants"], "layerscale"}
+        assert res["best"] == first["tasks"][task]["best"]
+    (entry,) = merged["added"]
+    assert entry["variants"] == ["layerscale"]
+    assert "--merge-into" in entry["command"]
+    for task, pre_norm in entry["pre-norm"].items():  # seeded: the baseline trains the same
+        assert pre_norm["then"] == pre_norm["now"], task
+    wrong = [*tiny[:-1], "11", "--variants", "pre-norm,rezero", "--merge-into", str(out)]
+    try:
+        arena.main(wrong)
+    except SystemExit as refused:
+        assert "use the same configuration" in str(refused)
+    else:
+        raise AssertionError("a run of another configuration was merged")
+    assert json.loads(out.read_text()) == merged
+
+
+def test_arena_refuses_a_merge_that_would_change_the_best(tmp_path: Path) -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    import arena
+
+    saved = {
+        "config": {"seeds": 1},
+        "tasks": {"char": {"metric": "bpc", "best": "a", "variants": {"a": {"mean": {"bpc": 2}}}}},
+    }
+    path = tmp_path / "arena.json"
+    path.write_text(json.dumps(saved))
+    result = {"config": {"seeds": 1}, "tasks": {"char": {"variants": {"b": {"mean": {"bpc": 1}}}}}}
+    try:
+        arena.merge_into(path, result, ["b"])
+    except SystemExit as refused:
+        assert str(refused) == (
+            "--merge-into: b would beat a on char, whose stochastic depth row was trained on "
+            "it; run every variant again instead"
+        )
+    else:
+        raise AssertionError("a merge that changes the best went through")
