@@ -19,7 +19,7 @@ from residual import _branch
 from residual._checkpoint import call_branch
 from residual._dims import hint_layout
 from residual._types import DropMode
-from residual.drop import make_drop_policy, optional_drop_state
+from residual.drop import SampleAxis, make_drop_policy, optional_drop_state, read_sample_axis
 from residual.errors import ResidualError, check_module
 from residual.merges import check_merge_fits
 from residual.shortcuts import NoShortcut, shortcut_for
@@ -57,10 +57,19 @@ class Residual(nn.Module):
         merge: how S and F meet, called as ``merge(shortcut, branch)``; None adds.
         post: module applied after the merge (the ReLU of the classic block).
         pre: module applied to the input before both paths (shared pre-activation).
-        drop_path: stochastic depth rate in [0, 1]; drop_mode: ``"row"``, ``"batch"`` (compute
-            skipped) or ``"subset"`` (compute on a share); see :mod:`residual.drop`. At 1 the
-            block trains as ``merge(S(x), 0)``. scale_by_keep: rescale kept outputs by
-            ``1 / (1 - p)`` (default; False as timm's ``DropPath(scale_by_keep=False)``).
+        drop_path: stochastic depth rate in [0, 1]. At 1 the block trains as
+            ``merge(S(x), 0)``.
+        drop_mode: ``"row"`` (default: a mask per sample), ``"batch"`` (the whole batch;
+            compute skipped) or ``"subset"`` (compute on a share of the samples); see
+            :mod:`residual.drop`.
+        scale_by_keep: rescale kept outputs by ``1 / (1 - p)`` (default; False as timm's
+            ``DropPath(scale_by_keep=False)``).
+        sample_axis: where the samples are, which stochastic depth keeps or drops whole: an
+            int (the axis: 1 for sequence-first ``(L, N, E)``) or a
+            :class:`~residual.drop.SampleAxis` (also saying when an input is unbatched, and
+            how many streams a stream tensor folds into its sample axis). None (default):
+            what ``fn`` states (:func:`~residual.drop.read_sample_axis`: ``batch_first`` of
+            torch's sequence layers, a conv's unbatched rank), else dim 0.
         checkpoint: recompute the branch in backward instead of storing its activations.
         residual_in_fp32: merge (and return) at least float32, for mixed-precision streams.
 
@@ -103,8 +112,12 @@ class Residual(nn.Module):
         scale_by_keep: bool = True,
         checkpoint: bool = False,
         residual_in_fp32: bool = False,
+        sample_axis: int | SampleAxis | None = None,
     ) -> None:
         super().__init__()
+        self.sample_axis = (
+            read_sample_axis(fn) if sample_axis is None else SampleAxis.of(sample_axis)
+        )
         check_module("Residual", "fn", fn)
         self.fn = fn
         self.shortcut = shortcut_for(shortcut, fn)
@@ -185,7 +198,7 @@ class Residual(nn.Module):
         ckpt = self.checkpoint and self.training
         drop = parts.get("drop")
         if drop is not None and self.training:
-            out = drop(fn, x, s, args, kwargs, ckpt)
+            out = drop(fn, x, s, args, kwargs, ckpt, self.sample_axis)
         else:
             out = call_branch(fn, x, args, kwargs, ckpt)  # type: ignore[arg-type]
         y = _branch.branch_head(out, type(fn).__name__)
@@ -210,4 +223,6 @@ class Residual(nn.Module):
             parts.append("checkpoint=True")
         if self.residual_in_fp32:
             parts.append("residual_in_fp32=True")
+        if self.drop is not None and self.sample_axis != SampleAxis():
+            parts.append(f"sample_axis={self.sample_axis}")
         return ", ".join(parts)

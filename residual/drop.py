@@ -30,9 +30,12 @@ Rates live in buffers: changing a rate between non-zero values, 1 included, reco
 
 from __future__ import annotations
 
-from typing import Any
+import numbers
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from residual import _branch
@@ -43,12 +46,14 @@ __all__ = [
     "BatchDrop",
     "DROP_MODES",
     "RowDrop",
+    "SampleAxis",
     "SubsetDrop",
     "apply_drop_schedule",
     "drop_path",
     "linear_drop_rates",
     "make_drop_policy",
     "optional_drop_state",
+    "read_sample_axis",
 ]
 
 DROP_MODES: tuple[str, ...] = ("row", "batch", "subset")
@@ -61,7 +66,9 @@ Kwargs = dict[str, Any]
 def check_drop_rate(caller: str, p: object, *, allow_one: bool = False) -> float:
     """Return ``p`` as a float if it is a rate in [0, 1) ([0, 1] with ``allow_one``)."""
     interval = "[0, 1]" if allow_one else "[0, 1)"
-    if isinstance(p, bool) or not isinstance(p, int | float):
+    if isinstance(p, Tensor) and p.numel() == 1 and p.is_floating_point():
+        p = p.item()  # a 0-dim (or one-element) float tensor: its value
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):  # numpy floats are Real
         raise TypeError(
             f"{caller}: drop_path must be a float in {interval}, got {type(p).__name__}"
         )
@@ -87,47 +94,216 @@ def _safe_divisor(keep: Tensor) -> Tensor:
     return keep.clamp_min(torch.finfo(keep.dtype).tiny)
 
 
-def _row_mask(x: Tensor, keep: Tensor | float, scale_by_keep: bool) -> Tensor:
-    """A (N, 1, ..., 1) mask of 0 and ``1 / keep`` (1 unscaled), one Bernoulli draw per sample.
+@dataclass(frozen=True)
+class SampleAxis:
+    """Which axis of the main tensor holds the samples: what stochastic depth keeps or drops.
 
-    With a float ``keep`` these are timm's and torchvision's ops, in their order: the same
-    masks as theirs after the same ``torch.manual_seed`` (``bernoulli_`` with a tensor
-    probability, what a compiled graph needs, draws another stream).
+    Stochastic depth keeps or drops whole samples. Most layouts hold them on dim 0 (the
+    default: batch-first sequences, channels-first images, channels-last features); torch's
+    sequence-first layers (``batch_first=False``, inputs ``(L, N, E)``) hold them on dim 1.
+
+    Args:
+        dim: the axis of a batched input that indexes the samples.
+        batched_ndim: the rank of a batched input. An input of lower rank is one unbatched
+            sample (torch's layers take ``(L, E)`` next to ``(N, L, E)``): it is kept or
+            dropped whole. None: every input is batched.
+        streams: the sample axis holds ``streams`` stream-major copies of each sample, as the
+            stream tensors ``(streams * N, ...)`` of hyper-connections and mHC do: sample ``b``
+            is rows ``b, N + b, ..., (streams - 1) N + b``, kept or dropped together.
+
+    ``Residual(fn, drop_path=p, sample_axis=SampleAxis(dim=1, batched_ndim=3))`` is what
+    :class:`residual.models.TransformerEncoderLayer` builds for ``batch_first=False``; an int
+    means ``SampleAxis(dim=that)``.
+
+    >>> import torch
+    >>> x = torch.ones(5, 4, 8)  # (L, N, E): sequence-first
+    >>> y = drop_path(x, 0.5, sample_axis=SampleAxis(dim=1))
+    >>> bool(((y == 0).all(0).all(-1) | (y == 2).all(0).all(-1)).all())  # whole samples
+    True
     """
-    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-    mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(keep)
-    if not scale_by_keep:
-        return mask
-    if isinstance(keep, Tensor):
-        return mask.div_(_safe_divisor(keep))
-    return mask.div_(keep) if keep > 0.0 else mask
+
+    dim: int = 0
+    batched_ndim: int | None = None
+    streams: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "streams"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"SampleAxis: {name} must be an int, got {value!r}")
+        if self.dim < 0:
+            raise ResidualError(
+                f"SampleAxis: dim must be >= 0 (counted from the front), got {self.dim}"
+            )
+        if self.streams < 1:
+            raise ResidualError(f"SampleAxis: streams must be >= 1, got {self.streams}")
+        nd = self.batched_ndim
+        if nd is not None and (isinstance(nd, bool) or not isinstance(nd, int) or nd <= self.dim):
+            raise ResidualError(
+                f"SampleAxis: batched_ndim must be an int above dim={self.dim} (the rank of a "
+                f"batched input) or None, got {nd!r}"
+            )
+
+    @staticmethod
+    def of(axis: int | SampleAxis) -> SampleAxis:
+        """``axis`` itself, or ``SampleAxis(dim=axis)`` for an int."""
+        return axis if isinstance(axis, SampleAxis) else SampleAxis(axis)
+
+    def samples(self, x: Tensor) -> int | None:
+        """How many samples ``x`` holds; None for one unbatched sample.
+
+        >>> import torch
+        >>> SampleAxis(1, batched_ndim=3).samples(torch.zeros(5, 4, 8))
+        4
+        >>> SampleAxis(1, batched_ndim=3).samples(torch.zeros(5, 8)) is None
+        True
+        >>> SampleAxis(streams=2).samples(torch.zeros(6, 8))
+        3
+        """
+        if self.batched_ndim is not None and x.dim() < self.batched_ndim:
+            return None
+        if x.dim() <= self.dim:
+            raise ResidualError(
+                f"stochastic depth: the samples are on dim {self.dim} (sample_axis), but the "
+                f"input has shape {tuple(x.shape)}; pass sample_axis=SampleAxis(dim=...) for "
+                "this layout, or SampleAxis(..., batched_ndim=...) if lower-rank inputs are "
+                "unbatched"
+            )
+        rows = x.shape[self.dim]
+        if rows % self.streams:
+            raise ResidualError(
+                f"stochastic depth: dim {self.dim} holds {rows} rows, not a multiple of "
+                f"streams={self.streams}; expand the input with expand_streams(x, "
+                f"{self.streams}) first"
+            )
+        return rows // self.streams
+
+    def spread(self, t: Tensor) -> Tensor:
+        """A per-sample tensor (samples on ``dim``) copied to every stream of its sample."""
+        return t if self.streams == 1 else torch.cat([t] * self.streams, self.dim)
+
+
+_CONVS = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+
+def read_sample_axis(fn: nn.Module) -> SampleAxis:
+    """The sample axis that a branch's own layout states, else dim 0 (always batched).
+
+    Read where it is certain: a module with a bool ``batch_first`` (torch's RNN, LSTM, GRU,
+    ``nn.MultiheadAttention``, ``nn.Transformer*``; its attention's for a Transformer layer)
+    takes ``(N, L, E)`` or ``(L, N, E)`` and unbatched ``(L, E)``; a conv takes ``(N, C,
+    *spatial)`` and unbatched ``(C, *spatial)``; an ``nn.Sequential`` takes what its first
+    module takes; a residual block what its own ``sample_axis`` says.
+
+    >>> from torch import nn
+    >>> read_sample_axis(nn.LSTM(8, 8))  # batch_first=False: (L, N, E)
+    SampleAxis(dim=1, batched_ndim=3, streams=1)
+    >>> read_sample_axis(nn.Conv2d(3, 8, 3))
+    SampleAxis(dim=0, batched_ndim=4, streams=1)
+    """
+    found = getattr(fn, "sample_axis", None)
+    if isinstance(found, SampleAxis):
+        return found
+    if isinstance(fn, nn.Sequential):
+        return read_sample_axis(fn[0]) if len(fn) else SampleAxis()
+    for owner in (fn, getattr(fn, "self_attn", None)):
+        batch_first = getattr(owner, "batch_first", None)
+        if isinstance(owner, nn.Module) and isinstance(batch_first, bool):
+            return SampleAxis(0 if batch_first else 1, batched_ndim=3)
+    if isinstance(fn, _CONVS):
+        return SampleAxis(0, batched_ndim=len(fn.kernel_size) + 2)
+    return SampleAxis()
+
+
+def _check_main(x: Any, caller: str) -> None:
+    if not isinstance(x, Tensor) or not (x.is_floating_point() or x.is_complex()):
+        got = f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(
+            f"{caller}: stochastic depth scales a floating point tensor, got {got}; convert it "
+            "first (x.float())"
+        )
+
+
+def _row_mask(x: Tensor, keep: Tensor | float, scale_by_keep: bool, axis: SampleAxis) -> Tensor:
+    """A mask of 0 and ``1 / keep`` (1 unscaled), one Bernoulli draw per sample of ``x``.
+
+    Its shape is x's with every axis but the sample axis at 1 (``(N, 1, ..., 1)``
+    batch-first), in x's (real) dtype. With a float ``keep`` the draws are timm's and
+    torchvision's (``empty(shape).bernoulli_(keep)``: the same masks after the same
+    ``torch.manual_seed``), taken through ``F.dropout`` of ones, which draws exactly those and
+    which ``torch.func.vmap(..., randomness="different")`` draws per member.
+    ``bernoulli_`` with a tensor probability, what a compiled graph needs, draws another
+    stream. An FX leaf.
+    """
+    n = axis.samples(x)
+    shape = [1] * x.dim()
+    if n is not None:
+        shape[axis.dim] = n
+    dtype = x.real.dtype if x.is_complex() else x.dtype
+    if isinstance(keep, Tensor) or keep == 0.0:
+        mask = torch.empty(shape, dtype=dtype, device=x.device).bernoulli_(keep)
+    else:
+        ones = torch.ones(shape, dtype=dtype, device=x.device)
+        mask = (F.dropout(ones, 1.0 - keep) != 0).to(dtype)
+    if scale_by_keep:
+        if isinstance(keep, Tensor):
+            mask = mask.div_(_safe_divisor(keep))
+        elif keep > 0.0:
+            mask = mask.div_(keep)
+    return mask if n is None else axis.spread(mask)
 
 
 def drop_path(
-    x: Tensor, p: float | Tensor = 0.0, training: bool = True, scale_by_keep: bool = True
+    x: Tensor,
+    p: float | Tensor = 0.0,
+    training: bool = True,
+    scale_by_keep: bool = True,
+    *,
+    sample_axis: int | SampleAxis = 0,
 ) -> Tensor:
     """Drop whole samples of ``x`` with probability ``p`` and rescale the rest ("row" mode).
 
-    The functional twin of ``Residual(fn, drop_path=p)`` for users who write their own add,
-    with timm's arguments (timm names the rate ``drop_prob`` and defaults to
-    ``training=False``): ``p = 1`` drops every sample; ``scale_by_keep=False`` leaves the kept
-    samples unscaled.
+    The functional twin of ``Residual(fn, drop_path=p)`` for users who write their own add.
+    Unlike timm's ``drop_path(x, drop_prob=0.0, training=False)``, the rate is named ``p`` and
+    ``training`` defaults to True: pass ``training=self.training`` when moving a call from
+    timm. ``p = 1`` drops every sample; ``scale_by_keep=False`` leaves the kept samples
+    unscaled; ``sample_axis`` says where the samples are (:class:`SampleAxis`: dim 1 for
+    sequence-first tensors). ``p`` may be a 0-dim tensor (no recompile when it changes).
 
     >>> import torch
     >>> drop_path(torch.ones(2, 3), 0.5, training=False)
     tensor([[1., 1., 1.],
             [1., 1., 1.]])
     """
+    _check_main(x, "drop_path")
+    axis = SampleAxis.of(sample_axis)
     if not training:
         return x
     if isinstance(p, Tensor):
-        keep: Tensor | float = (1.0 - p).to(device=x.device, dtype=x.dtype)
+        if not p.is_floating_point() or p.numel() != 1:
+            raise TypeError(
+                f"drop_path: a tensor rate must be one floating point value, got "
+                f"{p.dtype} of shape {tuple(p.shape)}; pass torch.tensor(0.1) or a float"
+            )
+        if not torch.compiler.is_compiling():
+            check_drop_rate("drop_path", p.item(), allow_one=True)
+        keep: Tensor | float = (1.0 - p.reshape(())).to(device=x.device, dtype=x.real.dtype)
     else:
         rate = check_drop_rate("drop_path", p, allow_one=True)
         if rate == 0.0:
             return x
         keep = 1.0 - rate
-    return x * _row_mask(x, keep, scale_by_keep)
+    return x * _row_mask(x, keep, scale_by_keep, axis)
+
+
+_BATCH_FIRST = SampleAxis()
 
 
 class _Policy(nn.Module):
@@ -180,14 +356,22 @@ class RowDrop(_Policy):
     """
 
     def forward(
-        self, branch: nn.Module, x: Tensor, shortcut: Tensor, args: Args, kwargs: Kwargs, ckpt: bool
+        self,
+        branch: nn.Module,
+        x: Tensor,
+        shortcut: Tensor,
+        args: Args,
+        kwargs: Kwargs,
+        ckpt: bool,
+        axis: SampleAxis = _BATCH_FIRST,
     ) -> Any:
         out = call_branch(branch, x, args, kwargs, ckpt)
         head = _branch.branch_head(out, type(branch).__name__)
         # Eager draws as timm / torchvision (a float rate); compiled reads the rate buffer, so a
         # new rate recompiles nothing.
         keep = self.keep if torch.compiler.is_compiling() else 1.0 - self.p
-        return _branch.replace_head(out, head * _row_mask(head, keep, self.scale_by_keep))
+        mask = _row_mask(head, keep, self.scale_by_keep, axis)
+        return _branch.replace_head(out, head * mask)
 
 
 def _mix32(x: Tensor) -> Tensor:
@@ -254,7 +438,14 @@ class BatchDrop(_Policy):
         return float(_uniform(self.seed, at))
 
     def forward(
-        self, branch: nn.Module, x: Tensor, shortcut: Tensor, args: Args, kwargs: Kwargs, ckpt: bool
+        self,
+        branch: nn.Module,
+        x: Tensor,
+        shortcut: Tensor,
+        args: Args,
+        kwargs: Kwargs,
+        ckpt: bool,
+        axis: SampleAxis = _BATCH_FIRST,
     ) -> Tensor:
         keep = _uniform(self.seed, self.step) < self.keep  # the rate as a buffer: no recompile
         with torch.no_grad():
@@ -269,14 +460,76 @@ class BatchDrop(_Policy):
             return torch.zeros_like(s)
 
         if torch.compiler.is_compiling():
-            if any(True for _ in branch.buffers()):
-                # torch.cond forbids a norm's buffer updates: run, then select (not multiply:
-                # at p = 1 the scaled output may be inf, and inf * 0 is nan).
-                return torch.where(keep.to(x.device), ran(x, shortcut), 0.0)
-            return torch.cond(keep.to(x.device), ran, skipped, (x, shortcut))
+            keep = keep.to(x.device)
+            if not any(True for _ in branch.buffers()):
+                return torch.cond(keep, ran, skipped, (x, shortcut))
+            if ckpt:  # the recomputation needs the module's own buffers: run, then undo
+                return _run_then_undo(keep, branch, ran, x, shortcut)
+            return _cond_on_copies(keep, branch, args, kwargs, scale, x, shortcut)
         if bool(keep):
             return ran(x, shortcut)
         return _no_branch(branch, shortcut)
+
+
+def _carried(buffer: Tensor) -> Tensor:
+    """A buffer's new value as a ``torch.cond`` output: a fresh copy, integers as float64.
+
+    cond's autograd wants floating outputs; float64 holds every counter value exactly (below
+    2 ** 53) and every float buffer value.
+    """
+    return buffer.detach().clone() if buffer.is_floating_point() else buffer.double()
+
+
+def _cond_on_copies(
+    keep: Tensor,
+    branch: nn.Module,
+    args: Args,
+    kwargs: Kwargs,
+    scale: Tensor | None,
+    x: Tensor,
+    shortcut: Tensor,
+) -> Tensor:
+    """Compiled "batch" drop of a branch with buffers: skipped compute and no side effects.
+
+    ``torch.cond`` forbids in-place updates of a branch's buffers (a BatchNorm's statistics),
+    so the kept side runs the branch on copies of them (``torch.func.functional_call``) and
+    returns their new values; the dropped side returns them as they were. They are written
+    back after the cond: the statistics move only on steps the branch ran.
+    """
+    names = [name for name, _ in branch.named_buffers()]
+    buffers = [b for _, b in branch.named_buffers()]
+
+    def ran_on(x: Tensor, s: Tensor, *copies: Tensor) -> tuple[Tensor, ...]:
+        fresh = {n: c.clone() for n, c in zip(names, copies, strict=True)}
+        out = torch.func.functional_call(branch, fresh, (x, *args), kwargs, strict=False)
+        out = _tensor_output(out, "batch", branch)
+        out = out if scale is None else out / scale
+        return (out, *(_carried(t) for t in fresh.values()))
+
+    def skipped_on(x: Tensor, s: Tensor, *copies: Tensor) -> tuple[Tensor, ...]:
+        return (torch.zeros_like(s), *(_carried(c) for c in copies))
+
+    copies = [b.detach().clone() for b in buffers]
+    out, *new = torch.cond(keep, ran_on, skipped_on, (x, shortcut, *copies))
+    with torch.no_grad():
+        for buffer, value in zip(buffers, new, strict=True):
+            buffer.copy_(value)
+    return cast(Tensor, out)
+
+
+def _run_then_undo(
+    keep: Tensor, branch: nn.Module, ran: Any, x: Tensor, shortcut: Tensor
+) -> Tensor:
+    """Compiled "batch" drop of a checkpointed branch with buffers: it runs, and on a dropped
+    step its buffers are set back and its output replaced by zeros (select, not multiply: at
+    ``p = 1`` the scaled output may be inf, and inf * 0 is nan)."""
+    buffers = list(branch.buffers())
+    before = [b.detach().clone() for b in buffers]
+    out = ran(x, shortcut)
+    with torch.no_grad():
+        for buffer, old in zip(buffers, before, strict=True):
+            buffer.copy_(torch.where(keep, buffer, old))
+    return torch.where(keep, out, 0.0)
 
 
 def _tensor_output(out: Any, policy: str, branch: nn.Module) -> Tensor:
@@ -307,8 +560,11 @@ class SubsetDrop(_Policy):
 
     Their outputs, scaled by ``N / k``, go back to their rows; the other rows get a zero branch.
     Compute falls with ``p``; every parameter still gets a gradient. At ``p = 1`` the branch
-    does not run (zero gradients). Branches with extra arguments or tuple outputs need
-    ``"row"`` or ``"batch"``.
+    does not run (zero gradients). Samples are taken whole along the block's
+    :class:`SampleAxis` (every stream of a sample of a stream tensor, which the branch then
+    gets as a stream tensor of ``k`` samples); an unbatched input is one sample, always kept
+    below ``p = 1``. Branches with extra arguments or tuple outputs need ``"row"`` or
+    ``"batch"``.
 
     >>> import torch
     >>> from torch import nn
@@ -318,7 +574,14 @@ class SubsetDrop(_Policy):
     """
 
     def forward(
-        self, branch: nn.Module, x: Tensor, shortcut: Tensor, args: Args, kwargs: Kwargs, ckpt: bool
+        self,
+        branch: nn.Module,
+        x: Tensor,
+        shortcut: Tensor,
+        args: Args,
+        kwargs: Kwargs,
+        ckpt: bool,
+        axis: SampleAxis = _BATCH_FIRST,
     ) -> Tensor:
         if args or kwargs:
             raise ResidualError(
@@ -328,15 +591,36 @@ class SubsetDrop(_Policy):
             )
         if self.p == 1.0:  # a Python rate: the sample count below is one already
             return _no_branch(branch, shortcut)
-        n = x.shape[0]
+        n = axis.samples(x)
+        if n is None:  # one unbatched sample: k = max(1, int(1 - p)) = 1 keeps it
+            return _tensor_output(call_branch(branch, x, (), {}, ckpt), "subset", branch)
         k = max(1, int(n * (1.0 - self.p)))
         # Drawn on the CPU and sorted for a sequential gather; index_select / index_copy, whose
         # backward is a parallel index_add (advanced indexing's is a serial index_put on CPU).
-        idx = torch.randperm(n)[:k].sort().values.to(x.device, non_blocking=True)
-        out = call_branch(branch, x.index_select(0, idx), (), {}, ckpt)
+        idx = torch.randperm(n)[:k].sort().values
+        if axis.streams > 1:  # the same samples in every stream, stream-major
+            idx = (idx + n * torch.arange(axis.streams).unsqueeze(1)).flatten()
+        idx = idx.to(x.device, non_blocking=True)
+        out = call_branch(branch, x.index_select(axis.dim, idx), (), {}, ckpt)
         out = _tensor_output(out, "subset", branch)
-        full = out.new_zeros((n, *out.shape[1:]))
-        return full.index_copy(0, idx, out * (n / k) if self.scale_by_keep else out)
+        _check_kept_samples(out, idx.numel(), axis, branch)
+        full = out.new_zeros(
+            (*out.shape[: axis.dim], x.shape[axis.dim], *out.shape[axis.dim + 1 :])
+        )
+        return full.index_copy(axis.dim, idx, out * (n / k) if self.scale_by_keep else out)
+
+
+def _check_kept_samples(out: Tensor, rows: int, axis: SampleAxis, branch: nn.Module) -> None:
+    """Raise unless the branch kept the subset's sample axis (it must not collapse the batch)."""
+    with _branch.shape_checks():
+        fits = bool(out.dim() > axis.dim and out.shape[axis.dim] == rows)
+    if not fits:
+        raise ResidualError(
+            f"Residual: drop_mode='subset' gave the branch {type(branch).__name__} the samples "
+            f"on dim {axis.dim}, and it returned shape {tuple(out.shape)}, which does not keep "
+            "them there; a residual branch must keep the sample axis (use drop_mode='row' or "
+            "'batch', or set sample_axis to where the branch keeps its samples)"
+        )
 
 
 def optional_drop_state(module: nn.Module, keys: Any) -> None:
@@ -414,3 +698,7 @@ def apply_drop_schedule(
     for block, rate in zip(blocks, rates, strict=True):
         block.set_drop_path(rate, drop_mode=drop_mode)  # type: ignore[operator]
     return rates
+
+
+for _name in ("_check_main", "_row_mask"):  # FX leaves: they read ranks and shapes
+    torch.fx.wrap(_name)

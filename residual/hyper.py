@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from residual._types import Layout, check_layout, check_positive_int
 from residual.core import Residual
+from residual.drop import SampleAxis
 from residual.errors import ResidualError, check_module
 from residual.streams import (
     FracBranch,
@@ -238,7 +239,13 @@ def hyper_residual(
         raise ResidualError(f"hyper_residual: streams must be >= 1, got {streams}")
     branch = HyperBranch(fn, streams, dim, layer_index=layer_index, dynamic=dynamic, layout=layout)
     mix = StreamMix(streams, dim, dynamic=dynamic, layout=layout)
-    return Residual(branch, shortcut=mix, post=post, drop_path=drop_path)
+    return Residual(
+        branch,
+        shortcut=mix,
+        post=post,
+        drop_path=drop_path,
+        sample_axis=SampleAxis(streams=streams),  # a sample's streams drop together
+    )
 
 
 for _name in (

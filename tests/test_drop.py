@@ -803,3 +803,194 @@ def test_checkpoint_recomputes_the_branch_in_every_mode(mode: str) -> None:
     rows = 3 if mode == "subset" else 6
     assert fn.calls == [rows, rows]  # the forward, and its recomputation in backward
     assert fn.lin.weight.grad is not None and fn.lin.weight.grad.abs().sum() > 0
+
+
+# --- The sample axis: stochastic depth keeps or drops whole samples in every layout ---------
+
+
+class Ones(nn.Module):
+    """A branch whose output is 1 everywhere: ``y - x`` shows the mask (0 or 1 / keep)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ones_like(x)
+
+
+def _whole_samples(delta: Tensor, branch: Tensor, dim: int) -> Tensor:
+    """Per sample (along ``dim``): True if kept whole, False if dropped whole; else fail."""
+    delta, branch = delta.movedim(dim, 0).flatten(1), branch.movedim(dim, 0).flatten(1)
+    kept = torch.isclose(delta, branch, atol=1e-5, rtol=1e-5).all(1)
+    dropped = (delta == 0).all(1)
+    assert bool((kept | dropped).all()), "a sample was partly dropped"
+    assert 0 < int(kept.sum()) < len(kept), "expected some samples kept and some dropped"
+    return kept
+
+
+@pytest.mark.parametrize("mode", ["row", "subset"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_transformer_layer_drops_whole_samples_in_both_layouts(
+    mode: str, batch_first: bool
+) -> None:
+    from residual.models import TransformerEncoderLayer
+
+    layer = TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first, norm_first=True)
+    block = layer.self_attn_block
+    block.set_drop_path(0.5, drop_mode=mode)
+    x = torch.randn(64, 5, 8) if batch_first else torch.randn(5, 64, 8)
+    full = block.fn(x)  # no dropout: the branch of every sample
+    kept = _whole_samples(block(x) - x, 2 * full, 0 if batch_first else 1)
+    assert kept.shape == (64,)
+
+
+def test_sequence_first_lstm_drops_whole_samples() -> None:
+    model = ResidualLSTM(8, 8, num_layers=2, batch_first=False, drop_path=0.5)
+    block = model.layers[1]
+    assert block.sample_axis.dim == 1
+    x = torch.randn(5, 64, 8)
+    out, _ = block.fn(x)
+    y, _ = block(x)
+    _whole_samples(y - x, 2 * out, 1)
+
+
+def test_an_unbatched_input_is_one_sample() -> None:
+    from residual.models import TransformerEncoderLayer
+
+    layer = TransformerEncoderLayer(8, 2, 16, dropout=0.0, norm_first=True, drop_path=0.5)
+    x = torch.randn(5, 8)  # (L, E): one sequence
+    outcomes = set()
+    for _ in range(20):
+        delta = layer.self_attn_block(x) - x
+        full = 2 * layer.self_attn_block.fn(x)
+        kept = torch.allclose(delta, full, atol=1e-5)
+        assert kept or bool((delta == 0).all()), "positions of one sequence dropped apart"
+        outcomes.add(kept)
+    assert outcomes == {True, False}
+
+
+def test_the_sample_axis_is_read_from_the_branch() -> None:
+    from residual.drop import SampleAxis
+
+    assert Residual(nn.LSTM(4, 4)).sample_axis == SampleAxis(1, batched_ndim=3)
+    assert Residual(nn.GRU(4, 4, batch_first=True)).sample_axis == SampleAxis(0, batched_ndim=3)
+    assert Residual(nn.Conv2d(4, 4, 3, padding=1)).sample_axis == SampleAxis(0, batched_ndim=4)
+    assert Residual(nn.Linear(4, 4)).sample_axis == SampleAxis()
+    assert Residual(nn.Linear(4, 4), sample_axis=1).sample_axis == SampleAxis(1)
+    conv = Residual(nn.Conv2d(4, 4, 3, padding=1), drop_path=0.5)
+    x = torch.randn(4, 6, 6)  # (C, H, W): nn.Conv2d takes it unbatched, so it is one sample
+    for _ in range(10):
+        delta = conv(x) - x
+        assert bool((delta == 0).all()) or torch.allclose(delta, 2 * conv.fn(x), atol=1e-5)
+
+
+def test_sample_axis_errors_name_the_fix() -> None:
+    from residual.drop import SampleAxis
+
+    with pytest.raises(ResidualError, match="batched_ndim must be an int above dim=1"):
+        SampleAxis(1, batched_ndim=1)
+    with pytest.raises(ResidualError, match="dim must be >= 0"):
+        SampleAxis(-1)
+    with pytest.raises(ResidualError, match="streams must be >= 1"):
+        SampleAxis(streams=0)
+    block = Residual(nn.Linear(4, 4), drop_path=0.5, sample_axis=1)
+    with pytest.raises(ResidualError, match=r"pass sample_axis=SampleAxis\(dim=\.\.\.\)"):
+        block(torch.randn(4))
+    fixed = Residual(nn.Linear(4, 4), drop_path=0.5, sample_axis=SampleAxis(1, batched_ndim=2))
+    assert fixed(torch.randn(4)).shape == (4,)  # the fix: a 1-D input is one sample
+    streams = Residual(Ones(), drop_path=0.5, sample_axis=SampleAxis(streams=4))
+    with pytest.raises(ResidualError, match=r"expand_streams\(x, 4\)"):
+        streams(torch.randn(6, 4))
+
+
+@pytest.mark.parametrize("kind", ["hyper", "mhc"])
+@pytest.mark.parametrize("mode", ["row", "subset"])
+def test_a_sample_keeps_or_drops_all_its_streams_together(kind: str, mode: str) -> None:
+    from residual.hyper import expand_streams, hyper_residual, mhc_residual
+
+    make = hyper_residual if kind == "hyper" else mhc_residual
+    block = make(nn.Linear(8, 8), streams=4, dim=8, drop_path=0.5)
+    block.set_drop_path(0.5, drop_mode=mode)
+    nn.init.normal_(block.shortcut.dynamic.weight if kind == "hyper" else block.fn.weight, 0, 0.5)
+    h = expand_streams(torch.randn(32, 8), 4) + 0.1 * torch.randn(128, 8)  # streams differ
+    branch = block.fn(h)  # per token: a subset of samples gives these rows
+    delta = block(h) - block.shortcut(h)
+    # (4 * 32, 8) -> (32, 4 * 8): every stream of a sample in one row
+    kept = _whole_samples(
+        delta.unflatten(0, (4, 32)).transpose(0, 1),
+        2 * branch.unflatten(0, (4, 32)).transpose(0, 1),
+        0,
+    )
+    assert kept.shape == (32,)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_compiled_batch_drop_leaves_norm_statistics_alone_on_skipped_steps(backend: str) -> None:
+    torch._dynamo.reset()
+
+    def build() -> Residual:
+        torch.manual_seed(0)
+        return Residual(
+            nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)), drop_path=0.5, drop_mode="batch"
+        )
+
+    eager, ours = build(), build()
+    compiled = torch.compile(ours, fullgraph=True, backend=backend)
+    x = torch.randn(16, 8)
+    for _ in range(6):
+        for block in (eager, compiled):
+            block(x.clone().requires_grad_()).sum().backward()
+    runs = [eager.drop.draw(s) < 0.5 for s in range(6)].count(True)
+    assert 0 < runs < 6
+    bn_eager, bn_ours = eager.fn[1], ours.fn[1]
+    assert int(bn_ours.num_batches_tracked) == int(bn_eager.num_batches_tracked) == runs
+    torch.testing.assert_close(bn_ours.running_mean, bn_eager.running_mean)
+    torch.testing.assert_close(bn_ours.running_var, bn_eager.running_var)
+    for a, b in zip(eager.parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+    eager.eval(), ours.eval()
+    torch.testing.assert_close(ours(x), eager(x))
+
+
+def test_vmap_ensembles_draw_a_mask_per_member() -> None:
+    from torch.func import functional_call, stack_module_state, vmap
+
+    members = [Residual(Ones(), drop_path=0.5) for _ in range(8)]
+    params, buffers = stack_module_state(members)
+
+    def run(params: dict, buffers: dict, x: Tensor) -> Tensor:
+        return functional_call(members[0], (params, buffers), (x,))
+
+    x = torch.zeros(16, 4)
+    out = vmap(run, in_dims=(0, 0, None), randomness="different")(params, buffers, x)
+    assert out.shape == (8, 16, 4)
+    per_sample = out[..., 0]
+    assert bool(((out == per_sample.unsqueeze(-1)).all()))  # whole samples
+    assert len({tuple(m.tolist()) for m in per_sample}) > 1  # members draw apart
+    drawn = vmap(lambda t: drop_path(t, 0.5), randomness="different")(torch.ones(8, 16, 4))
+    assert len({tuple(m[:, 0].tolist()) for m in drawn}) > 1
+
+
+def test_drop_path_refuses_integer_tensors_and_takes_complex_numpy_and_tensor_rates() -> None:
+    np = pytest.importorskip("numpy")
+    for bad in (torch.ones(4, 3, dtype=torch.int64), torch.ones(4, 3, dtype=torch.bool)):
+        with pytest.raises(TypeError, match=r"floating point tensor.*x\.float\(\)"):
+            drop_path(bad, 0.5)
+        drop_path(bad.float(), 0.5)  # the fix works
+    z = torch.randn(64, 3, dtype=torch.complex64)
+    out = drop_path(z, 0.5)
+    assert out.dtype == torch.complex64
+    _whole_samples(out, 2 * z, 0)
+    torch.manual_seed(3)
+    a = drop_path(torch.ones(32, 2), np.float32(0.25))
+    torch.manual_seed(3)
+    assert torch.equal(a, drop_path(torch.ones(32, 2), 0.25))
+    assert Residual(nn.Linear(2, 2), drop_path=np.float64(0.25)).drop_path == 0.25
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        x = torch.randn(8, 3, dtype=dtype, requires_grad=True)
+        y = drop_path(x, torch.tensor(1.0))
+        y.sum().backward()
+        assert torch.equal(y, torch.zeros_like(y)) and not torch.isnan(x.grad).any()
+        half = drop_path(x, torch.tensor(0.5, dtype=torch.float64))
+        assert set(torch.unique(half / x.detach()).tolist()) <= {0.0, 2.0}
+    with pytest.raises(ResidualError, match=r"drop_path must be in \[0, 1\]"):
+        drop_path(torch.ones(2, 2), torch.tensor(1.5))
+    with pytest.raises(TypeError, match="one floating point value"):
+        drop_path(torch.ones(2, 2), torch.tensor([0.1, 0.2]))

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from residual import _branch
 from residual._types import DropMode, check_positive_int
 from residual.core import Residual
-from residual.drop import apply_drop_schedule, check_drop_rate
+from residual.drop import SampleAxis, apply_drop_schedule, check_drop_rate
 from residual.errors import ResidualError
 from residual.models.attention import (
     AttentionBranch,
@@ -114,17 +114,20 @@ class TransformerEncoderLayer(nn.Module):
             device=device,
             dtype=dtype,
         )
+        samples = SampleAxis(0 if self.batch_first else 1, batched_ndim=3)
         self.self_attn_block = Residual(
             attn_branch,
             post=None if norm_first else norm1,
             drop_path=drop_path,
             checkpoint=checkpoint,
+            sample_axis=samples,
         )
         self.ff_block = Residual(
             ff_branch,
             post=None if norm_first else norm2,
             drop_path=drop_path,
             checkpoint=checkpoint,
+            sample_axis=samples,
         )
         self.register_load_state_dict_pre_hook(_accept_torch_keys)
 
@@ -322,6 +325,9 @@ def _to_torch_activation(act: nn.Module) -> Callable[[Tensor], Tensor]:
     return act
 
 
+_BATCH_FIRST_SEQUENCES = SampleAxis(0, batched_ndim=3)  # (N, L, E), or one unbatched (L, E)
+
+
 def gpt_block(
     d_model: int,
     nhead: int,
@@ -342,10 +348,15 @@ def gpt_block(
     hidden = dim_feedforward or 4 * d_model
     attention = SelfAttention(d_model, nhead, dropout, bias, causal=True)
     return nn.Sequential(
-        Residual(AttentionBranch(attention, dropout, nn.LayerNorm(d_model)), drop_path=drop_path),
+        Residual(
+            AttentionBranch(attention, dropout, nn.LayerNorm(d_model)),
+            drop_path=drop_path,
+            sample_axis=_BATCH_FIRST_SEQUENCES,
+        ),
         Residual(
             FeedForward(d_model, hidden, dropout, "gelu", bias, nn.LayerNorm(d_model)),
             drop_path=drop_path,
+            sample_axis=_BATCH_FIRST_SEQUENCES,
         ),
     )
 
@@ -383,10 +394,11 @@ class ValueResidualGPTBlock(nn.Module):
         hidden = dim_feedforward or 4 * d_model
         attention = SelfAttention(d_model, nhead, dropout, bias, causal=causal)
         branch = ValueResidualAttention(attention, nn.LayerNorm(d_model), lam=lam, dropout=dropout)
-        self.attn = Residual(branch, drop_path=drop_path)
+        self.attn = Residual(branch, drop_path=drop_path, sample_axis=_BATCH_FIRST_SEQUENCES)
         self.ff = Residual(
             FeedForward(d_model, hidden, dropout, "gelu", bias, nn.LayerNorm(d_model)),
             drop_path=drop_path,
+            sample_axis=_BATCH_FIRST_SEQUENCES,
         )
 
     def forward(self, x: Tensor, first_values: Tensor | None = None) -> tuple[Tensor, Tensor]:

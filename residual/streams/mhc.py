@@ -27,6 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from residual._types import Layout, check_layout, check_positive_int
 from residual.core import Residual
+from residual.drop import SampleAxis
 from residual.errors import ResidualError
 from residual.streams._fold import (
     along_streams,
@@ -336,7 +337,13 @@ def mhc_residual(
         return Residual(fn, post=post, drop_path=drop_path)
     branch = MHCBranch(fn, streams, dim, dynamic=dynamic, layer_index=layer_index, layout=layout)
     mix = MHCMix(streams, dim, dynamic=dynamic, sinkhorn_iters=sinkhorn_iters, layout=layout)
-    return Residual(branch, shortcut=mix, post=post, drop_path=drop_path)
+    return Residual(
+        branch,
+        shortcut=mix,
+        post=post,
+        drop_path=drop_path,
+        sample_axis=SampleAxis(streams=streams),  # a sample's streams drop together
+    )
 
 
 for _name in (
