@@ -962,7 +962,7 @@ def test_vmap_ensembles_draw_a_mask_per_member() -> None:
     out = vmap(run, in_dims=(0, 0, None), randomness="different")(params, buffers, x)
     assert out.shape == (8, 16, 4)
     per_sample = out[..., 0]
-    assert bool(((out == per_sample.unsqueeze(-1)).all()))  # whole samples
+    assert bool((out == per_sample.unsqueeze(-1)).all())  # whole samples
     assert len({tuple(m.tolist()) for m in per_sample}) > 1  # members draw apart
     drawn = vmap(lambda t: drop_path(t, 0.5), randomness="different")(torch.ones(8, 16, 4))
     assert len({tuple(m[:, 0].tolist()) for m in drawn}) > 1
