@@ -533,3 +533,163 @@ def test_is_causal_without_src_mask_applies_the_causal_mask() -> None:
     torch.testing.assert_close(layer(x, is_causal=True), layer(x, src_mask=causal))
     with pytest.raises(TypeError, match="must be bool or floating"):
         layer(x, src_key_padding_mask=torch.zeros(2, 6, dtype=torch.uint8))
+
+
+# --- is_causal=True means causal with every other mask (issue 24, item 2) ------------------
+
+
+def _causal_cases(n: int, length: int, heads: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Masks that are not themselves causal, to combine with ``is_causal=True``. No query loses
+    every key: the padding is at the end, and key 0 stays open in every attention mask."""
+    gen = torch.Generator().manual_seed(3)
+    padding = torch.zeros(n, length, dtype=torch.bool)
+    padding[0, -3:] = True
+    padding[1, -1:] = True
+    holes = torch.rand(length, length, generator=gen) < 0.3
+    holes[:, 0] = False
+    per_head = torch.rand(n * heads, length, length, generator=gen) < 0.3
+    per_head[..., 0] = False
+    bias = torch.randn(length, length, generator=gen)
+    return {
+        "padding": {"src_key_padding_mask": padding},
+        "float-padding": {
+            "src_key_padding_mask": torch.zeros(n, length).masked_fill(padding, -1e9)
+        },
+        "bool-attn": {"src_mask": holes},
+        "float-attn": {"src_mask": bias},
+        "per-head-bool": {"src_mask": per_head},
+        "per-head-float": {"src_mask": torch.randn(n * heads, length, length, generator=gen)},
+        "float-attn+padding": {"src_mask": bias, "src_key_padding_mask": padding},
+        "per-head+float-padding": {
+            "src_mask": per_head,
+            "src_key_padding_mask": torch.zeros(n, length).masked_fill(padding, float("-inf")),
+        },
+    }
+
+
+def _with_causal(mask: torch.Tensor | None, length: int) -> torch.Tensor:
+    """``mask`` with the causal mask written in by hand (the explicit reference)."""
+    above = torch.ones(length, length, dtype=torch.bool).triu(1)
+    if mask is None:
+        return above
+    if mask.dtype == torch.bool:
+        return mask | above
+    return mask.masked_fill(above, float("-inf"))
+
+
+def _first_heads(kwargs: dict[str, torch.Tensor], heads: int) -> dict[str, torch.Tensor]:
+    """An unbatched sequence's per-head mask: the first sequence's (heads, L, L)."""
+    out = dict(kwargs)
+    if "src_mask" in out and out["src_mask"].dim() == 3:
+        out["src_mask"] = out["src_mask"][:heads]
+    return out
+
+
+@pytest.mark.parametrize("layout", ["batch-first", "seq-first", "unbatched"])
+@pytest.mark.parametrize("case", list(_causal_cases(3, 7, 2)))
+def test_is_causal_combines_the_causal_mask_with_every_other_mask(case: str, layout: str) -> None:
+    """``is_causal=True`` with a padding mask, a non-causal bool or float ``src_mask`` or a
+    per-head one: the same as torch's layer given the causal mask explicitly, combined by hand
+    with the same masks (torch treats ``is_causal`` as a hint and drops one of the masks)."""
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=layout == "batch-first")
+    ours = TransformerEncoderLayer.from_torch(ref)
+    kwargs, x = _layout(_causal_cases(3, 7, 2)[case], torch.randn(3, 7, 16), layout)
+    if layout == "unbatched":
+        kwargs = _first_heads(kwargs, 2)
+    explicit = dict(kwargs, src_mask=_with_causal(kwargs.get("src_mask"), 7))
+    for mode in (True, False):
+        ref.train(mode)
+        ours.train(mode)
+        want = ref(x, **explicit)
+        got = ours(x, **kwargs, is_causal=True)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # and the future does not leak: changing the last position leaves the others alone
+    later = x.clone()
+    if layout == "unbatched":
+        later[-1] = torch.randn(16)
+    elif layout == "batch-first":
+        later[:, -1] = torch.randn(3, 16)
+    else:
+        later[-1] = torch.randn(3, 16)
+    past = (slice(None, -1),) if layout != "batch-first" else (slice(None), slice(None, -1))
+    torch.testing.assert_close(
+        ours(later, **kwargs, is_causal=True)[past], ours(x, **kwargs, is_causal=True)[past]
+    )
+
+
+@pytest.mark.parametrize("how", ["is_causal", "causal=True", "both"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+def test_attention_branch_is_causal_with_padding_and_masks(batch_first: bool, how: str) -> None:
+    """``Residual(AttentionBranch(SelfAttention(...)))`` with ``is_causal=True`` (or a causal
+    layer) and a padding mask, alone or with a float mask: ``x + MHA(x)`` with the causal mask
+    given explicitly."""
+    from residual.models import AttentionBranch, SelfAttention
+
+    torch.manual_seed(0)
+    attn = SelfAttention(16, 2, causal=how != "is_causal", batch_first=batch_first)
+    block = Residual(AttentionBranch(attn, 0.0, None))
+    mha = nn.MultiheadAttention(16, 2, batch_first=batch_first)
+    mha.load_state_dict(
+        {
+            "in_proj_weight": attn.in_proj.weight,
+            "in_proj_bias": attn.in_proj.bias,
+            "out_proj.weight": attn.out_proj.weight,
+            "out_proj.bias": attn.out_proj.bias,
+        }
+    )
+    x = torch.randn(3, 6, 16) if batch_first else torch.randn(6, 3, 16)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[0, -2:] = True
+    bias = torch.randn(6, 6)
+    hint = how != "causal=True"
+    for mask in (None, bias):
+        explicit = _with_causal(mask, 6)
+        want = x + mha(x, x, x, attn_mask=explicit, key_padding_mask=pad, need_weights=False)[0]
+        got = block(x, attn_mask=mask, key_padding_mask=pad, is_causal=hint)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("float_masks", [False, True], ids=["bool", "float"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+def test_a_query_with_no_key_left_is_zero_as_torchs(batch_first: bool, float_masks: bool) -> None:
+    """Padding the first position + causal leaves query 0 of that sequence no key. torch's
+    layer (its SDPA path: training, or eval with the fast path off) gives that query a zero
+    attention output, finite, with finite gradients; so does ours. (torch's fused eval fast
+    path gives NaN there instead; ours has no fast path.)"""
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first)
+    ours = TransformerEncoderLayer.from_torch(ref)
+    x = torch.randn(3, 5, 16) if batch_first else torch.randn(5, 3, 16)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[0, 0] = True
+    if float_masks:
+        pad = torch.zeros(3, 5).masked_fill(pad, float("-inf"))
+    causal = _with_causal(None, 5)
+    if float_masks:
+        causal = torch.zeros(5, 5).masked_fill(causal, float("-inf"))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want = ref(xa, src_mask=causal, src_key_padding_mask=pad)
+    got = ours(xb, src_key_padding_mask=pad, is_causal=True)
+    assert want.isfinite().all() and got.isfinite().all()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    want.sum().backward()
+    got.sum().backward()
+    assert xb.grad.isfinite().all()
+    torch.testing.assert_close(xb.grad, xa.grad, atol=1e-5, rtol=1e-5)
+    before = torch.backends.mha.get_fastpath_enabled()
+    try:
+        torch.backends.mha.set_fastpath_enabled(False)
+        with torch.no_grad():
+            want = ref.eval()(x, src_mask=causal, src_key_padding_mask=pad)
+            got = ours.eval()(x, src_key_padding_mask=pad, is_causal=True)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_is_causal_with_padding_on_meta() -> None:
+    layer = TransformerEncoderLayer(8, 2, 16, batch_first=True, device="meta")
+    pad = torch.zeros(2, 5, dtype=torch.bool, device="meta")
+    out = layer(torch.randn(2, 5, 8, device="meta"), src_key_padding_mask=pad, is_causal=True)
+    assert out.device.type == "meta" and out.shape == (2, 5, 8)

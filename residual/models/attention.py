@@ -98,8 +98,11 @@ def sdpa_mask(
     """``(attn_mask, is_causal)`` for ``scaled_dot_product_attention`` on ``x``: (N, L, D) when
     ``batch_first``, else (L, N, D); or unbatched (L, D).
 
-    The masks merged by :func:`_merge_masks`; a layer that is always ``causal`` adds the
-    causal mask to them, or asks SDPA for it when there are none (as does ``is_causal``).
+    The masks merged by :func:`_merge_masks`. ``is_causal=True`` (or a layer that is always
+    ``causal``) means causal whatever else is given: the causal mask is combined with the
+    other masks (a no-op when ``attn_mask`` is itself causal), or SDPA is asked for it when
+    there are none. (torch reads ``is_causal`` as a hint that ``attn_mask`` is causal: it
+    drops ``attn_mask`` when there is no padding mask, and drops the hint when there is one.)
     An FX leaf: the masks are optional inputs, so whether they are present is known only when
     the traced graph runs.
     """
@@ -111,7 +114,7 @@ def sdpa_mask(
     mask = _merge_masks(attn_mask, key_padding_mask, batch, heads, length, x.dtype, unbatched)
     if mask is None:
         return None, causal or is_causal
-    if causal:
+    if causal or is_causal:
         causal_mask = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
         return mask.masked_fill(causal_mask, float("-inf")), False
     return mask, False

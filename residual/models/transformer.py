@@ -138,9 +138,15 @@ class TransformerEncoderLayer(nn.Module):
         """torch's forward: ``src`` (S, N, E), (N, S, E) with ``batch_first``, or (S, E).
 
         ``src_mask`` (S, S) or (N * nhead, S, S); ``src_key_padding_mask`` (N, S), or (S,)
-        for an unbatched ``src``; bool (``True`` = ignored) or float (added). ``is_causal``
-        is a hint that ``src_mask`` is the causal mask (without a ``src_mask``, a causal
-        mask is applied where torch would raise).
+        for an unbatched ``src``; bool (``True`` = ignored) or float (added).
+        ``is_causal=True`` means causal, always: the causal mask is combined with
+        ``src_mask`` and ``src_key_padding_mask`` (a no-op for a ``src_mask`` that is itself
+        causal, so torch's usage gives torch's numbers), and applied alone where there is no
+        ``src_mask`` (torch raises there). torch reads it as a hint instead: given a
+        ``src_mask`` that is not causal, torch's layer drops that mask when there is no
+        padding mask and drops the causal mask when there is one. A query left with no key
+        (its own position padded, the rest in its future) gets a zero attention output, as
+        in torch's layer outside its fused inference fast path (which gives NaN there).
         """
         _check_src(src, self.self_attn.d_model, self.batch_first)
         x = self.self_attn_block(
