@@ -314,11 +314,6 @@ def test_encoder_layer_equals_torch_with_dropout(norm_first: bool, batch: int) -
     )
     ours = TransformerEncoderLayer.from_torch(ref)
     assert ref.training and ours.training
-    if batch > 1:
-        # torch's attention output reaches dropout1 as a transposed view (the strides of
-        # (L, N, E)) and dropout draws its mask in memory order; with one sequence the two
-        # layouts coincide, with more the view is made contiguous so both draw the same mask.
-        ref.dropout1.register_forward_pre_hook(lambda _, args: (args[0].contiguous(),))
     x = torch.randn(batch, 9, 32)
     ya = _assert_seeded_equal(ref, ours, x)
     torch.manual_seed(2)
@@ -523,6 +518,42 @@ def test_seq_first_draws_torchs_dropout_masks(norm_first: bool) -> None:
     ref = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.3, norm_first=norm_first)
     ours = TransformerEncoderLayer.from_torch(ref)
     _assert_seeded_equal(ref, ours, torch.randn(9, 3, 32))
+
+
+@pytest.mark.parametrize("layout", ["batch-first", "seq-first", "unbatched-bf", "unbatched-sf"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_training_draws_torchs_dropout_masks_in_every_layout(norm_first: bool, layout: str) -> None:
+    """Same seed, same weights, dropout 0.1: the same outputs and gradients as torch's layer
+    (its attention output reaches dropout1 in (L, N, E) memory order, batch-first too), with
+    a padding mask, and through a two-layer ``nn.TransformerEncoder``."""
+    batch_first = layout in ("batch-first", "unbatched-bf")
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(
+        16, 2, 32, dropout=0.1, batch_first=batch_first, norm_first=norm_first
+    )
+    ours = TransformerEncoderLayer.from_torch(ref)
+    x = torch.randn(3, 7, 16)
+    if layout == "seq-first":
+        x = x.transpose(0, 1).contiguous()
+    elif layout.startswith("unbatched"):
+        x = x[0]
+    _assert_seeded_equal(ref, ours, x)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[1, -2:] = True
+    pad = pad[0] if layout.startswith("unbatched") else pad
+    torch.manual_seed(4)
+    want = ref(x, src_key_padding_mask=pad)
+    torch.manual_seed(4)
+    torch.testing.assert_close(ours(x, src_key_padding_mask=pad), want, atol=1e-6, rtol=1e-6)
+    if layout.startswith("unbatched"):
+        return
+    stack_ref = nn.TransformerEncoder(ref, 2, enable_nested_tensor=False)
+    stack_ours = nn.TransformerEncoder(ours, 2, enable_nested_tensor=False)
+    torch.manual_seed(5)
+    want = stack_ref(x, src_key_padding_mask=pad)
+    torch.manual_seed(5)
+    got = stack_ours(x, src_key_padding_mask=pad)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
 def test_is_causal_without_src_mask_applies_the_causal_mask() -> None:

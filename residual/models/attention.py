@@ -150,15 +150,26 @@ def split_heads(qkv: Tensor, heads: int, batch_first: bool) -> Tensor:
     return qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, -1).permute(2, 1, 3, 0, 4)
 
 
-def merge_heads(out: Tensor, x: Tensor, batch_first: bool) -> Tensor:
-    """SDPA's (N, heads, L, D / heads) back to ``x``'s layout, contiguous (an FX leaf).
+def merge_heads(out: Tensor) -> Tensor:
+    """SDPA's (N, heads, L, D / heads) -> (L * N, D), rows in (L, N) order: the 2-D tensor
+    ``nn.MultiheadAttention`` gives its out projection (an FX leaf)."""
+    batch, heads, length, head_dim = out.shape
+    return out.permute(2, 0, 1, 3).reshape(length * batch, heads * head_dim)
 
-    Sequence-first and unbatched come out (L, N, D) in memory, as ``nn.MultiheadAttention``'s
-    output does, so a dropout after it draws the same mask as torch's layer.
+
+def restore_layout(y: Tensor, x: Tensor, batch_first: bool) -> Tensor:
+    """The out projection's (L * N, D) back to ``x``'s layout (an FX leaf).
+
+    As ``nn.MultiheadAttention``'s output: (L, N, D) for sequence-first, (L, D) unbatched,
+    and for batch-first the (N, L, D) transposed view of (L, N, D), whose memory stays
+    (L, N, D). A dropout after it (``empty_like`` keeps the strides) then draws the mask
+    torch's layer draws, on the same elements.
     """
-    if x.dim() == 3 and batch_first:
-        return out.transpose(1, 2).reshape(x.shape)
-    return out.permute(2, 0, 1, 3).reshape(x.shape)
+    if x.dim() == 2:
+        return y
+    length, batch = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
+    out = y.view(length, batch, y.shape[-1])
+    return out.transpose(0, 1) if batch_first else out
 
 
 class SelfAttention(nn.Module):
@@ -176,7 +187,9 @@ class SelfAttention(nn.Module):
         device, dtype: where and in what type the parameters are created.
 
     Input (N, L, d_model) -> output (N, L, d_model) (or (L, N, d_model) with
-    ``batch_first=False``; an unbatched (L, d_model) works either way).
+    ``batch_first=False``; an unbatched (L, d_model) works either way). As
+    ``nn.MultiheadAttention``'s, the output is laid out (L, N, d_model) in memory whatever the
+    layout (a transposed view for batch-first), so a dropout after it draws torch's mask.
 
     ``nn.MultiheadAttention``'s attributes that ``torch.nn.TransformerEncoder`` reads are here
     too: ``batch_first``, ``embed_dim``, ``num_heads``, ``in_proj_weight``, ``in_proj_bias``,
@@ -257,7 +270,7 @@ class SelfAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=causal,
         )
-        return self.out_proj(merge_heads(out, x, self.batch_first))
+        return restore_layout(self.out_proj(merge_heads(out)), x, self.batch_first)
 
     def extra_repr(self) -> str:
         extra = "" if self.batch_first else ", batch_first=False"
@@ -351,7 +364,7 @@ class ValueResidualAttention(nn.Module):
             mixed = self.lam * v + (1.0 - self.lam) * first_values
         p = attn.dropout if self.training else 0.0  # no masks: SDPA's own causal flag
         out = F.scaled_dot_product_attention(q, k, mixed, dropout_p=p, is_causal=attn.causal)
-        return self.dropout(attn.out_proj(merge_heads(out, x, True))), v
+        return self.dropout(restore_layout(attn.out_proj(merge_heads(out)), x, True)), v
 
     def extra_repr(self) -> str:
         return f"lam={self.lam}"
@@ -437,5 +450,12 @@ class FeedForward(nn.Module):
         return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
 
 
-for _name in ("sdpa_mask", "check_sequence", "split_heads", "merge_heads", "_check_values"):
+for _name in (
+    "sdpa_mask",
+    "check_sequence",
+    "split_heads",
+    "merge_heads",
+    "restore_layout",
+    "_check_values",
+):
     torch.fx.wrap(_name)

@@ -48,8 +48,10 @@ class TransformerEncoderLayer(nn.Module):
     (S, N, E); ``batch_first=True``: (N, S, E); unbatched (S, E) either way), ``device`` /
     ``dtype``, torch's forward signature and mask semantics (bool ``True`` = may not attend,
     float masks added), and the same outputs and gradients as torch's layer with the same
-    weights. Extras, keyword-only: ``drop_path`` (stochastic depth of both residuals) and
-    ``checkpoint``.
+    weights; in training too: with the same seed, each dropout draws torch's mask on the same
+    elements, in every layout (the attention output keeps ``nn.MultiheadAttention``'s
+    (S, N, E) memory order, batch-first too, since dropout draws along memory). Extras,
+    keyword-only: ``drop_path`` (stochastic depth of both residuals) and ``checkpoint``.
 
     There is one code path: torch's fused inference "fast path" does not exist here, so
     ``torch.backends.mha.set_fastpath_enabled`` changes nothing (the numbers are the same
