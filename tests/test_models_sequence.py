@@ -724,3 +724,89 @@ def test_is_causal_with_padding_on_meta() -> None:
     pad = torch.zeros(2, 5, dtype=torch.bool, device="meta")
     out = layer(torch.randn(2, 5, 8, device="meta"), src_key_padding_mask=pad, is_causal=True)
     assert out.device.type == "meta" and out.shape == (2, 5, 8)
+
+
+# --- empty batches and empty sequences (issue 24, item 10) ----------------------------------
+
+
+@pytest.mark.parametrize("mask", ["none", "causal", "is_causal", "padding", "causal+padding"])
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (0, 0)], ids=["N=0", "L=0", "N=L=0"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+def test_encoder_layer_on_an_empty_batch_or_sequence(
+    batch_first: bool, shape: tuple[int, int], mask: str
+) -> None:
+    """Empty output of the input's shape, in training and eval, and zero gradients, as torch's
+    layer. (torch's own layer raises "cannot reshape tensor of 0 elements" once it is given a
+    padding mask on an empty input; ours still gives the empty output: nothing is padded.)"""
+    n, length = shape
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=batch_first)
+    ours = TransformerEncoderLayer.from_torch(ref)
+    x = torch.randn((n, length, 16) if batch_first else (length, n, 16))
+    causal = nn.Transformer.generate_square_subsequent_mask(length)
+    pad = torch.zeros(n, length, dtype=torch.bool)
+    kwargs = {
+        "none": {},
+        "causal": {"src_mask": causal, "is_causal": True},
+        "is_causal": {"is_causal": True},
+        "padding": {"src_key_padding_mask": pad},
+        "causal+padding": {"src_mask": causal, "src_key_padding_mask": pad},
+    }[mask]
+    theirs = {k: v for k, v in kwargs.items() if k != "src_key_padding_mask"}
+    if mask == "is_causal":
+        theirs["src_mask"] = causal  # torch needs the mask with the hint
+    for training in (True, False):
+        ref.train(training)
+        ours.train(training)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        want, got = ref(xa, **theirs), ours(xb, **kwargs)
+        assert got.shape == want.shape == x.shape
+        want.sum().backward()
+        got.sum().backward()
+        assert xb.grad is not None and xb.grad.shape == x.shape
+        for name, (t, o) in _parameter_pairs(ref, ours).items():
+            torch.testing.assert_close(o.grad, t.grad, msg=name)  # zeros
+        ref.zero_grad()
+        ours.zero_grad()
+
+
+def test_attention_blocks_and_models_on_empty_inputs() -> None:
+    """SelfAttention, AttentionBranch in a Residual, ValueResidualAttention, gpt_block and
+    CausalTransformerLM give empty outputs of the right shape, with gradients, as torch's
+    attention does."""
+    from residual.models import (
+        AttentionBranch,
+        SelfAttention,
+        ValueResidualAttention,
+        ValueResidualGPTBlock,
+    )
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 2, batch_first=True)
+    for shape in ((0, 5, 16), (2, 0, 16), (0, 0, 16), (0, 16)):
+        x = torch.randn(shape, requires_grad=True)
+        want = mha(x, x, x, need_weights=False)[0]
+        pad = torch.zeros(shape[:-1], dtype=torch.bool)
+        for causal in (False, True):
+            attn = SelfAttention(16, 2, 0.1, causal=causal)
+            assert attn(x).shape == want.shape == x.shape
+            assert attn(x, key_padding_mask=pad, is_causal=True).shape == x.shape
+            block = Residual(AttentionBranch(attn, 0.1, nn.LayerNorm(16)))
+            y = block(x, key_padding_mask=pad)
+            assert y.shape == x.shape
+            y.sum().backward()
+            assert x.grad is not None and x.grad.shape == x.shape
+            assert torch.count_nonzero(attn.in_proj.weight.grad) == 0
+        if len(shape) == 3:
+            value = ValueResidualAttention(SelfAttention(16, 2, causal=True))
+            out, v = value(x)
+            assert out.shape == x.shape and v.shape == (shape[0], 2, shape[1], 8)
+            assert value(x, first_values=v)[0].shape == x.shape
+            assert gpt_block(16, 2, dropout=0.1)(x).shape == x.shape
+            assert ValueResidualGPTBlock(16, 2)(x)[0].shape == x.shape
+    lm = CausalTransformerLM(30, d_model=16, nhead=2, num_layers=2, max_len=8, dropout=0.1)
+    for shape in ((0, 5), (2, 0), (0, 0)):
+        logits = lm(torch.zeros(shape, dtype=torch.long))
+        assert logits.shape == (*shape, 30)
+        logits.sum().backward()
+        assert lm.tok.weight.grad is not None and torch.count_nonzero(lm.tok.weight.grad) == 0

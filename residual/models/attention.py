@@ -141,13 +141,15 @@ def check_sequence(caller: str, x: Tensor, d_model: int, batch_first: bool = Tru
 def split_heads(qkv: Tensor, heads: int, batch_first: bool) -> Tensor:
     """The fused projection (N, L, 3D) / (L, N, 3D) / (L, 3D) -> (3, N, heads, L, D / heads).
 
-    An FX leaf: the layout is read from the rank.
+    An FX leaf: the layout is read from the rank. The head width is computed, not inferred
+    (``-1``), so an empty batch or sequence splits too.
     """
+    head_dim = qkv.shape[-1] // (3 * heads)
     if qkv.dim() == 2:
-        return qkv.view(qkv.shape[0], 1, 3, heads, -1).permute(2, 1, 3, 0, 4)
+        return qkv.view(qkv.shape[0], 1, 3, heads, head_dim).permute(2, 1, 3, 0, 4)
     if batch_first:
-        return qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
-    return qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, -1).permute(2, 1, 3, 0, 4)
+        return qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    return qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, head_dim).permute(2, 1, 3, 0, 4)
 
 
 def merge_heads(out: Tensor) -> Tensor:
