@@ -810,3 +810,22 @@ def test_attention_blocks_and_models_on_empty_inputs() -> None:
         assert logits.shape == (*shape, 30)
         logits.sum().backward()
         assert lm.tok.weight.grad is not None and torch.count_nonzero(lm.tok.weight.grad) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
+def test_an_integer_mask_error_names_the_fix_and_the_fix_works(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    ours = TransformerEncoderLayer.from_torch(ref)
+    x = torch.randn(2, 5, 16)
+    pad = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 0, 0]], dtype=dtype)
+    causal = torch.ones(5, 5, dtype=dtype).triu(1)
+    with pytest.raises(
+        TypeError, match=r"key_padding_mask must be bool or floating.*mask\.bool\(\)"
+    ):
+        ours(x, src_key_padding_mask=pad)
+    with pytest.raises(TypeError, match=r"attn_mask must be bool or floating.*mask\.bool\(\)"):
+        ours(x, src_mask=causal)
+    got = ours(x, src_mask=causal.bool(), src_key_padding_mask=pad.bool())  # the advised fix
+    want = ref(x, src_mask=causal.bool(), src_key_padding_mask=pad.bool())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

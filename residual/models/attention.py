@@ -37,7 +37,10 @@ def _additive(mask: Tensor, dtype: torch.dtype, name: str) -> Tensor:
             mask, float("-inf")
         )
     if not mask.is_floating_point():
-        raise TypeError(f"SelfAttention: {name} must be bool or floating, got {mask.dtype}")
+        raise TypeError(
+            f"SelfAttention: {name} must be bool or floating, got {mask.dtype}; pass "
+            f"mask.bool() (True = may not attend) or an additive float mask (-inf = blocked)"
+        )
     return mask.to(dtype)
 
 
