@@ -1037,7 +1037,7 @@ def test_the_shape_dependent_helpers_are_fx_leaves() -> None:
     x = torch.randn(2, 5, 8)
     attn = SelfAttention(8, 2).eval()
     gm, calls = _leaves(attn)
-    assert {"check_sequence", "split_heads", "sdpa_mask", "merge_heads"} <= calls
+    assert {"check_sequence", "split_heads", "sdpa_mask", "merge_heads", "restore_layout"} <= calls
     assert close(gm(x), attn(x))
     value = ValueResidualAttention(SelfAttention(8, 2)).eval()
     gm, calls = _leaves(value)
