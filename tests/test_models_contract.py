@@ -269,6 +269,10 @@ def test_reset_classifier_names_itself(tiny_resnet: ResNet) -> None:
     )
 
 
+INT_MASK_FIX = (
+    "; pass mask.bool() (True = may not attend) or an additive float mask (-inf = blocked)"
+)
+
 FORWARD_ERRORS: list[tuple[str, type[Exception], str, Callable[[], object]]] = [
     ("attn-rank", ResidualError,
      "SelfAttention: expected input (batch, length, 8) or unbatched (length, 8), got (2, 3, 4)",
@@ -287,13 +291,14 @@ FORWARD_ERRORS: list[tuple[str, type[Exception], str, Callable[[], object]]] = [
      "padding with src_key_padding_mask (e.g. x.to_padded_tensor(0.0))",
      lambda: SelfAttention(8, 2)(
          torch.nested.nested_tensor([torch.randn(2, 8), torch.randn(3, 8)]))),
-    ("attn-mask-int", TypeError, "SelfAttention: attn_mask must be bool or floating, got torch.int64",
+    ("attn-mask-int", TypeError,
+     "SelfAttention: attn_mask must be bool or floating, got torch.int64" + INT_MASK_FIX,
      lambda: SelfAttention(8, 2)(ATTN_X, attn_mask=torch.zeros(3, 3, dtype=torch.long))),
     ("attn-mask-int-per-head", TypeError,
-     "SelfAttention: attn_mask must be bool or floating, got torch.int64",
+     "SelfAttention: attn_mask must be bool or floating, got torch.int64" + INT_MASK_FIX,
      lambda: SelfAttention(8, 2)(ATTN_X, attn_mask=torch.zeros(4, 3, 3, dtype=torch.long))),
     ("padding-int", TypeError,
-     "SelfAttention: key_padding_mask must be bool or floating, got torch.int32",
+     "SelfAttention: key_padding_mask must be bool or floating, got torch.int32" + INT_MASK_FIX,
      lambda: SelfAttention(8, 2)(ATTN_X, key_padding_mask=torch.zeros(2, 3, dtype=torch.int))),
     ("attn-mask-shape", ResidualError,
      "SelfAttention: attn_mask of shape (3, 4) does not fit; expected (3, 3) or (4, 3, 3)",
@@ -1032,7 +1037,7 @@ def test_the_shape_dependent_helpers_are_fx_leaves() -> None:
     x = torch.randn(2, 5, 8)
     attn = SelfAttention(8, 2).eval()
     gm, calls = _leaves(attn)
-    assert {"check_sequence", "split_heads", "sdpa_mask", "merge_heads"} <= calls
+    assert {"check_sequence", "split_heads", "sdpa_mask", "merge_heads", "restore_layout"} <= calls
     assert close(gm(x), attn(x))
     value = ValueResidualAttention(SelfAttention(8, 2)).eval()
     gm, calls = _leaves(value)

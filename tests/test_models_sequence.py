@@ -314,11 +314,6 @@ def test_encoder_layer_equals_torch_with_dropout(norm_first: bool, batch: int) -
     )
     ours = TransformerEncoderLayer.from_torch(ref)
     assert ref.training and ours.training
-    if batch > 1:
-        # torch's attention output reaches dropout1 as a transposed view (the strides of
-        # (L, N, E)) and dropout draws its mask in memory order; with one sequence the two
-        # layouts coincide, with more the view is made contiguous so both draw the same mask.
-        ref.dropout1.register_forward_pre_hook(lambda _, args: (args[0].contiguous(),))
     x = torch.randn(batch, 9, 32)
     ya = _assert_seeded_equal(ref, ours, x)
     torch.manual_seed(2)
@@ -525,6 +520,42 @@ def test_seq_first_draws_torchs_dropout_masks(norm_first: bool) -> None:
     _assert_seeded_equal(ref, ours, torch.randn(9, 3, 32))
 
 
+@pytest.mark.parametrize("layout", ["batch-first", "seq-first", "unbatched-bf", "unbatched-sf"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_training_draws_torchs_dropout_masks_in_every_layout(norm_first: bool, layout: str) -> None:
+    """Same seed, same weights, dropout 0.1: the same outputs and gradients as torch's layer
+    (its attention output reaches dropout1 in (L, N, E) memory order, batch-first too), with
+    a padding mask, and through a two-layer ``nn.TransformerEncoder``."""
+    batch_first = layout in ("batch-first", "unbatched-bf")
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(
+        16, 2, 32, dropout=0.1, batch_first=batch_first, norm_first=norm_first
+    )
+    ours = TransformerEncoderLayer.from_torch(ref)
+    x = torch.randn(3, 7, 16)
+    if layout == "seq-first":
+        x = x.transpose(0, 1).contiguous()
+    elif layout.startswith("unbatched"):
+        x = x[0]
+    _assert_seeded_equal(ref, ours, x)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[1, -2:] = True
+    pad = pad[0] if layout.startswith("unbatched") else pad
+    torch.manual_seed(4)
+    want = ref(x, src_key_padding_mask=pad)
+    torch.manual_seed(4)
+    torch.testing.assert_close(ours(x, src_key_padding_mask=pad), want, atol=1e-6, rtol=1e-6)
+    if layout.startswith("unbatched"):
+        return
+    stack_ref = nn.TransformerEncoder(ref, 2, enable_nested_tensor=False)
+    stack_ours = nn.TransformerEncoder(ours, 2, enable_nested_tensor=False)
+    torch.manual_seed(5)
+    want = stack_ref(x, src_key_padding_mask=pad)
+    torch.manual_seed(5)
+    got = stack_ours(x, src_key_padding_mask=pad)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
 def test_is_causal_without_src_mask_applies_the_causal_mask() -> None:
     """torch raises ("Need attn_mask if specifying the is_causal hint"); ours applies it."""
     layer = TransformerEncoderLayer(16, 2, 32, dropout=0.0).eval()
@@ -533,3 +564,268 @@ def test_is_causal_without_src_mask_applies_the_causal_mask() -> None:
     torch.testing.assert_close(layer(x, is_causal=True), layer(x, src_mask=causal))
     with pytest.raises(TypeError, match="must be bool or floating"):
         layer(x, src_key_padding_mask=torch.zeros(2, 6, dtype=torch.uint8))
+
+
+# --- is_causal=True means causal with every other mask (issue 24, item 2) ------------------
+
+
+def _causal_cases(n: int, length: int, heads: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Masks that are not themselves causal, to combine with ``is_causal=True``. No query loses
+    every key: the padding is at the end, and key 0 stays open in every attention mask."""
+    gen = torch.Generator().manual_seed(3)
+    padding = torch.zeros(n, length, dtype=torch.bool)
+    padding[0, -3:] = True
+    padding[1, -1:] = True
+    holes = torch.rand(length, length, generator=gen) < 0.3
+    holes[:, 0] = False
+    per_head = torch.rand(n * heads, length, length, generator=gen) < 0.3
+    per_head[..., 0] = False
+    bias = torch.randn(length, length, generator=gen)
+    return {
+        "padding": {"src_key_padding_mask": padding},
+        "float-padding": {
+            "src_key_padding_mask": torch.zeros(n, length).masked_fill(padding, -1e9)
+        },
+        "bool-attn": {"src_mask": holes},
+        "float-attn": {"src_mask": bias},
+        "per-head-bool": {"src_mask": per_head},
+        "per-head-float": {"src_mask": torch.randn(n * heads, length, length, generator=gen)},
+        "float-attn+padding": {"src_mask": bias, "src_key_padding_mask": padding},
+        "per-head+float-padding": {
+            "src_mask": per_head,
+            "src_key_padding_mask": torch.zeros(n, length).masked_fill(padding, float("-inf")),
+        },
+    }
+
+
+def _with_causal(mask: torch.Tensor | None, length: int) -> torch.Tensor:
+    """``mask`` with the causal mask written in by hand (the explicit reference)."""
+    above = torch.ones(length, length, dtype=torch.bool).triu(1)
+    if mask is None:
+        return above
+    if mask.dtype == torch.bool:
+        return mask | above
+    return mask.masked_fill(above, float("-inf"))
+
+
+def _first_heads(kwargs: dict[str, torch.Tensor], heads: int) -> dict[str, torch.Tensor]:
+    """An unbatched sequence's per-head mask: the first sequence's (heads, L, L)."""
+    out = dict(kwargs)
+    if "src_mask" in out and out["src_mask"].dim() == 3:
+        out["src_mask"] = out["src_mask"][:heads]
+    return out
+
+
+@pytest.mark.parametrize("layout", ["batch-first", "seq-first", "unbatched"])
+@pytest.mark.parametrize("case", list(_causal_cases(3, 7, 2)))
+def test_is_causal_combines_the_causal_mask_with_every_other_mask(case: str, layout: str) -> None:
+    """``is_causal=True`` with a padding mask, a non-causal bool or float ``src_mask`` or a
+    per-head one: the same as torch's layer given the causal mask explicitly, combined by hand
+    with the same masks (torch treats ``is_causal`` as a hint and drops one of the masks)."""
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=layout == "batch-first")
+    ours = TransformerEncoderLayer.from_torch(ref)
+    kwargs, x = _layout(_causal_cases(3, 7, 2)[case], torch.randn(3, 7, 16), layout)
+    if layout == "unbatched":
+        kwargs = _first_heads(kwargs, 2)
+    explicit = dict(kwargs, src_mask=_with_causal(kwargs.get("src_mask"), 7))
+    for mode in (True, False):
+        ref.train(mode)
+        ours.train(mode)
+        want = ref(x, **explicit)
+        got = ours(x, **kwargs, is_causal=True)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # and the future does not leak: changing the last position leaves the others alone
+    later = x.clone()
+    if layout == "unbatched":
+        later[-1] = torch.randn(16)
+    elif layout == "batch-first":
+        later[:, -1] = torch.randn(3, 16)
+    else:
+        later[-1] = torch.randn(3, 16)
+    past = (slice(None, -1),) if layout != "batch-first" else (slice(None), slice(None, -1))
+    torch.testing.assert_close(
+        ours(later, **kwargs, is_causal=True)[past], ours(x, **kwargs, is_causal=True)[past]
+    )
+
+
+@pytest.mark.parametrize("how", ["is_causal", "causal=True", "both"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+def test_attention_branch_is_causal_with_padding_and_masks(batch_first: bool, how: str) -> None:
+    """``Residual(AttentionBranch(SelfAttention(...)))`` with ``is_causal=True`` (or a causal
+    layer) and a padding mask, alone or with a float mask: ``x + MHA(x)`` with the causal mask
+    given explicitly."""
+    from residual.models import AttentionBranch, SelfAttention
+
+    torch.manual_seed(0)
+    attn = SelfAttention(16, 2, causal=how != "is_causal", batch_first=batch_first)
+    block = Residual(AttentionBranch(attn, 0.0, None))
+    mha = nn.MultiheadAttention(16, 2, batch_first=batch_first)
+    mha.load_state_dict(
+        {
+            "in_proj_weight": attn.in_proj.weight,
+            "in_proj_bias": attn.in_proj.bias,
+            "out_proj.weight": attn.out_proj.weight,
+            "out_proj.bias": attn.out_proj.bias,
+        }
+    )
+    x = torch.randn(3, 6, 16) if batch_first else torch.randn(6, 3, 16)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[0, -2:] = True
+    bias = torch.randn(6, 6)
+    hint = how != "causal=True"
+    for mask in (None, bias):
+        explicit = _with_causal(mask, 6)
+        want = x + mha(x, x, x, attn_mask=explicit, key_padding_mask=pad, need_weights=False)[0]
+        got = block(x, attn_mask=mask, key_padding_mask=pad, is_causal=hint)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("float_masks", [False, True], ids=["bool", "float"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+def test_a_query_with_no_key_left_is_zero_as_torchs(batch_first: bool, float_masks: bool) -> None:
+    """Padding the first position + causal leaves query 0 of that sequence no key. torch's
+    layer (its SDPA path: training, or eval with the fast path off) gives that query a zero
+    attention output, finite, with finite gradients; so does ours. (torch's fused eval fast
+    path gives NaN there instead; ours has no fast path.)"""
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first)
+    ours = TransformerEncoderLayer.from_torch(ref)
+    x = torch.randn(3, 5, 16) if batch_first else torch.randn(5, 3, 16)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[0, 0] = True
+    if float_masks:
+        pad = torch.zeros(3, 5).masked_fill(pad, float("-inf"))
+    causal = _with_causal(None, 5)
+    if float_masks:
+        causal = torch.zeros(5, 5).masked_fill(causal, float("-inf"))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want = ref(xa, src_mask=causal, src_key_padding_mask=pad)
+    got = ours(xb, src_key_padding_mask=pad, is_causal=True)
+    assert want.isfinite().all() and got.isfinite().all()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    want.sum().backward()
+    got.sum().backward()
+    assert xb.grad.isfinite().all()
+    torch.testing.assert_close(xb.grad, xa.grad, atol=1e-5, rtol=1e-5)
+    before = torch.backends.mha.get_fastpath_enabled()
+    try:
+        torch.backends.mha.set_fastpath_enabled(False)
+        with torch.no_grad():
+            want = ref.eval()(x, src_mask=causal, src_key_padding_mask=pad)
+            got = ours.eval()(x, src_key_padding_mask=pad, is_causal=True)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_is_causal_with_padding_on_meta() -> None:
+    layer = TransformerEncoderLayer(8, 2, 16, batch_first=True, device="meta")
+    pad = torch.zeros(2, 5, dtype=torch.bool, device="meta")
+    out = layer(torch.randn(2, 5, 8, device="meta"), src_key_padding_mask=pad, is_causal=True)
+    assert out.device.type == "meta" and out.shape == (2, 5, 8)
+
+
+# --- empty batches and empty sequences (issue 24, item 10) ----------------------------------
+
+
+@pytest.mark.parametrize("mask", ["none", "causal", "is_causal", "padding", "causal+padding"])
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (0, 0)], ids=["N=0", "L=0", "N=L=0"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+def test_encoder_layer_on_an_empty_batch_or_sequence(
+    batch_first: bool, shape: tuple[int, int], mask: str
+) -> None:
+    """Empty output of the input's shape, in training and eval, and zero gradients, as torch's
+    layer. (torch's own layer raises "cannot reshape tensor of 0 elements" once it is given a
+    padding mask on an empty input; ours still gives the empty output: nothing is padded.)"""
+    n, length = shape
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=batch_first)
+    ours = TransformerEncoderLayer.from_torch(ref)
+    x = torch.randn((n, length, 16) if batch_first else (length, n, 16))
+    causal = nn.Transformer.generate_square_subsequent_mask(length)
+    pad = torch.zeros(n, length, dtype=torch.bool)
+    kwargs = {
+        "none": {},
+        "causal": {"src_mask": causal, "is_causal": True},
+        "is_causal": {"is_causal": True},
+        "padding": {"src_key_padding_mask": pad},
+        "causal+padding": {"src_mask": causal, "src_key_padding_mask": pad},
+    }[mask]
+    theirs = {k: v for k, v in kwargs.items() if k != "src_key_padding_mask"}
+    if mask == "is_causal":
+        theirs["src_mask"] = causal  # torch needs the mask with the hint
+    for training in (True, False):
+        ref.train(training)
+        ours.train(training)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        want, got = ref(xa, **theirs), ours(xb, **kwargs)
+        assert got.shape == want.shape == x.shape
+        want.sum().backward()
+        got.sum().backward()
+        assert xb.grad is not None and xb.grad.shape == x.shape
+        for name, (t, o) in _parameter_pairs(ref, ours).items():
+            torch.testing.assert_close(o.grad, t.grad, msg=name)  # zeros
+        ref.zero_grad()
+        ours.zero_grad()
+
+
+def test_attention_blocks_and_models_on_empty_inputs() -> None:
+    """SelfAttention, AttentionBranch in a Residual, ValueResidualAttention, gpt_block and
+    CausalTransformerLM give empty outputs of the right shape, with gradients, as torch's
+    attention does."""
+    from residual.models import (
+        AttentionBranch,
+        SelfAttention,
+        ValueResidualAttention,
+        ValueResidualGPTBlock,
+    )
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 2, batch_first=True)
+    for shape in ((0, 5, 16), (2, 0, 16), (0, 0, 16), (0, 16)):
+        x = torch.randn(shape, requires_grad=True)
+        want = mha(x, x, x, need_weights=False)[0]
+        pad = torch.zeros(shape[:-1], dtype=torch.bool)
+        for causal in (False, True):
+            attn = SelfAttention(16, 2, 0.1, causal=causal)
+            assert attn(x).shape == want.shape == x.shape
+            assert attn(x, key_padding_mask=pad, is_causal=True).shape == x.shape
+            block = Residual(AttentionBranch(attn, 0.1, nn.LayerNorm(16)))
+            y = block(x, key_padding_mask=pad)
+            assert y.shape == x.shape
+            y.sum().backward()
+            assert x.grad is not None and x.grad.shape == x.shape
+            assert torch.count_nonzero(attn.in_proj.weight.grad) == 0
+        if len(shape) == 3:
+            value = ValueResidualAttention(SelfAttention(16, 2, causal=True))
+            out, v = value(x)
+            assert out.shape == x.shape and v.shape == (shape[0], 2, shape[1], 8)
+            assert value(x, first_values=v)[0].shape == x.shape
+            assert gpt_block(16, 2, dropout=0.1)(x).shape == x.shape
+            assert ValueResidualGPTBlock(16, 2)(x)[0].shape == x.shape
+    lm = CausalTransformerLM(30, d_model=16, nhead=2, num_layers=2, max_len=8, dropout=0.1)
+    for shape in ((0, 5), (2, 0), (0, 0)):
+        logits = lm(torch.zeros(shape, dtype=torch.long))
+        assert logits.shape == (*shape, 30)
+        logits.sum().backward()
+        assert lm.tok.weight.grad is not None and torch.count_nonzero(lm.tok.weight.grad) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
+def test_an_integer_mask_error_names_the_fix_and_the_fix_works(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    ours = TransformerEncoderLayer.from_torch(ref)
+    x = torch.randn(2, 5, 16)
+    pad = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 0, 0]], dtype=dtype)
+    causal = torch.ones(5, 5, dtype=dtype).triu(1)
+    with pytest.raises(
+        TypeError, match=r"key_padding_mask must be bool or floating.*mask\.bool\(\)"
+    ):
+        ours(x, src_key_padding_mask=pad)
+    with pytest.raises(TypeError, match=r"attn_mask must be bool or floating.*mask\.bool\(\)"):
+        ours(x, src_mask=causal)
+    got = ours(x, src_mask=causal.bool(), src_key_padding_mask=pad.bool())  # the advised fix
+    want = ref(x, src_mask=causal.bool(), src_key_padding_mask=pad.bool())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -37,7 +37,10 @@ def _additive(mask: Tensor, dtype: torch.dtype, name: str) -> Tensor:
             mask, float("-inf")
         )
     if not mask.is_floating_point():
-        raise TypeError(f"SelfAttention: {name} must be bool or floating, got {mask.dtype}")
+        raise TypeError(
+            f"SelfAttention: {name} must be bool or floating, got {mask.dtype}; pass "
+            f"mask.bool() (True = may not attend) or an additive float mask (-inf = blocked)"
+        )
     return mask.to(dtype)
 
 
@@ -98,8 +101,11 @@ def sdpa_mask(
     """``(attn_mask, is_causal)`` for ``scaled_dot_product_attention`` on ``x``: (N, L, D) when
     ``batch_first``, else (L, N, D); or unbatched (L, D).
 
-    The masks merged by :func:`_merge_masks`; a layer that is always ``causal`` adds the
-    causal mask to them, or asks SDPA for it when there are none (as does ``is_causal``).
+    The masks merged by :func:`_merge_masks`. ``is_causal=True`` (or a layer that is always
+    ``causal``) means causal whatever else is given: the causal mask is combined with the
+    other masks (a no-op when ``attn_mask`` is itself causal), or SDPA is asked for it when
+    there are none. (torch reads ``is_causal`` as a hint that ``attn_mask`` is causal: it
+    drops ``attn_mask`` when there is no padding mask, and drops the hint when there is one.)
     An FX leaf: the masks are optional inputs, so whether they are present is known only when
     the traced graph runs.
     """
@@ -111,7 +117,7 @@ def sdpa_mask(
     mask = _merge_masks(attn_mask, key_padding_mask, batch, heads, length, x.dtype, unbatched)
     if mask is None:
         return None, causal or is_causal
-    if causal:
+    if causal or is_causal:
         causal_mask = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
         return mask.masked_fill(causal_mask, float("-inf")), False
     return mask, False
@@ -138,24 +144,37 @@ def check_sequence(caller: str, x: Tensor, d_model: int, batch_first: bool = Tru
 def split_heads(qkv: Tensor, heads: int, batch_first: bool) -> Tensor:
     """The fused projection (N, L, 3D) / (L, N, 3D) / (L, 3D) -> (3, N, heads, L, D / heads).
 
-    An FX leaf: the layout is read from the rank.
+    An FX leaf: the layout is read from the rank. The head width is computed, not inferred
+    (``-1``), so an empty batch or sequence splits too.
     """
+    head_dim = qkv.shape[-1] // (3 * heads)
     if qkv.dim() == 2:
-        return qkv.view(qkv.shape[0], 1, 3, heads, -1).permute(2, 1, 3, 0, 4)
+        return qkv.view(qkv.shape[0], 1, 3, heads, head_dim).permute(2, 1, 3, 0, 4)
     if batch_first:
-        return qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
-    return qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, -1).permute(2, 1, 3, 0, 4)
+        return qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    return qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, head_dim).permute(2, 1, 3, 0, 4)
 
 
-def merge_heads(out: Tensor, x: Tensor, batch_first: bool) -> Tensor:
-    """SDPA's (N, heads, L, D / heads) back to ``x``'s layout, contiguous (an FX leaf).
+def merge_heads(out: Tensor) -> Tensor:
+    """SDPA's (N, heads, L, D / heads) -> (L * N, D), rows in (L, N) order: the 2-D tensor
+    ``nn.MultiheadAttention`` gives its out projection (an FX leaf)."""
+    batch, heads, length, head_dim = out.shape
+    return out.permute(2, 0, 1, 3).reshape(length * batch, heads * head_dim)
 
-    Sequence-first and unbatched come out (L, N, D) in memory, as ``nn.MultiheadAttention``'s
-    output does, so a dropout after it draws the same mask as torch's layer.
+
+def restore_layout(y: Tensor, x: Tensor, batch_first: bool) -> Tensor:
+    """The out projection's (L * N, D) back to ``x``'s layout (an FX leaf).
+
+    As ``nn.MultiheadAttention``'s output: (L, N, D) for sequence-first, (L, D) unbatched,
+    and for batch-first the (N, L, D) transposed view of (L, N, D), whose memory stays
+    (L, N, D). A dropout after it (``empty_like`` keeps the strides) then draws the mask
+    torch's layer draws, on the same elements.
     """
-    if x.dim() == 3 and batch_first:
-        return out.transpose(1, 2).reshape(x.shape)
-    return out.permute(2, 0, 1, 3).reshape(x.shape)
+    if x.dim() == 2:
+        return y
+    length, batch = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
+    out = y.view(length, batch, y.shape[-1])
+    return out.transpose(0, 1) if batch_first else out
 
 
 class SelfAttention(nn.Module):
@@ -173,7 +192,9 @@ class SelfAttention(nn.Module):
         device, dtype: where and in what type the parameters are created.
 
     Input (N, L, d_model) -> output (N, L, d_model) (or (L, N, d_model) with
-    ``batch_first=False``; an unbatched (L, d_model) works either way).
+    ``batch_first=False``; an unbatched (L, d_model) works either way). As
+    ``nn.MultiheadAttention``'s, the output is laid out (L, N, d_model) in memory whatever the
+    layout (a transposed view for batch-first), so a dropout after it draws torch's mask.
 
     ``nn.MultiheadAttention``'s attributes that ``torch.nn.TransformerEncoder`` reads are here
     too: ``batch_first``, ``embed_dim``, ``num_heads``, ``in_proj_weight``, ``in_proj_bias``,
@@ -254,7 +275,7 @@ class SelfAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=causal,
         )
-        return self.out_proj(merge_heads(out, x, self.batch_first))
+        return restore_layout(self.out_proj(merge_heads(out)), x, self.batch_first)
 
     def extra_repr(self) -> str:
         extra = "" if self.batch_first else ", batch_first=False"
@@ -348,7 +369,7 @@ class ValueResidualAttention(nn.Module):
             mixed = self.lam * v + (1.0 - self.lam) * first_values
         p = attn.dropout if self.training else 0.0  # no masks: SDPA's own causal flag
         out = F.scaled_dot_product_attention(q, k, mixed, dropout_p=p, is_causal=attn.causal)
-        return self.dropout(attn.out_proj(merge_heads(out, x, True))), v
+        return self.dropout(restore_layout(attn.out_proj(merge_heads(out)), x, True)), v
 
     def extra_repr(self) -> str:
         return f"lam={self.lam}"
@@ -434,5 +455,12 @@ class FeedForward(nn.Module):
         return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
 
 
-for _name in ("sdpa_mask", "check_sequence", "split_heads", "merge_heads", "_check_values"):
+for _name in (
+    "sdpa_mask",
+    "check_sequence",
+    "split_heads",
+    "merge_heads",
+    "restore_layout",
+    "_check_values",
+):
     torch.fx.wrap(_name)

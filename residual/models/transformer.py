@@ -48,8 +48,10 @@ class TransformerEncoderLayer(nn.Module):
     (S, N, E); ``batch_first=True``: (N, S, E); unbatched (S, E) either way), ``device`` /
     ``dtype``, torch's forward signature and mask semantics (bool ``True`` = may not attend,
     float masks added), and the same outputs and gradients as torch's layer with the same
-    weights. Extras, keyword-only: ``drop_path`` (stochastic depth of both residuals) and
-    ``checkpoint``.
+    weights; in training too: with the same seed, each dropout draws torch's mask on the same
+    elements, in every layout (the attention output keeps ``nn.MultiheadAttention``'s
+    (S, N, E) memory order, batch-first too, since dropout draws along memory). Extras,
+    keyword-only: ``drop_path`` (stochastic depth of both residuals) and ``checkpoint``.
 
     There is one code path: torch's fused inference "fast path" does not exist here, so
     ``torch.backends.mha.set_fastpath_enabled`` changes nothing (the numbers are the same
@@ -141,9 +143,15 @@ class TransformerEncoderLayer(nn.Module):
         """torch's forward: ``src`` (S, N, E), (N, S, E) with ``batch_first``, or (S, E).
 
         ``src_mask`` (S, S) or (N * nhead, S, S); ``src_key_padding_mask`` (N, S), or (S,)
-        for an unbatched ``src``; bool (``True`` = ignored) or float (added). ``is_causal``
-        is a hint that ``src_mask`` is the causal mask (without a ``src_mask``, a causal
-        mask is applied where torch would raise).
+        for an unbatched ``src``; bool (``True`` = ignored) or float (added).
+        ``is_causal=True`` means causal, always: the causal mask is combined with
+        ``src_mask`` and ``src_key_padding_mask`` (a no-op for a ``src_mask`` that is itself
+        causal, so torch's usage gives torch's numbers), and applied alone where there is no
+        ``src_mask`` (torch raises there). torch reads it as a hint instead: given a
+        ``src_mask`` that is not causal, torch's layer drops that mask when there is no
+        padding mask and drops the causal mask when there is one. A query left with no key
+        (its own position padded, the rest in its future) gets a zero attention output, as
+        in torch's layer outside its fused inference fast path (which gives NaN there).
         """
         _check_src(src, self.self_attn.d_model, self.batch_first)
         x = self.self_attn_block(
