@@ -994,3 +994,29 @@ def test_drop_path_refuses_integer_tensors_and_takes_complex_numpy_and_tensor_ra
         drop_path(torch.ones(2, 2), torch.tensor(1.5))
     with pytest.raises(TypeError, match="one floating point value"):
         drop_path(torch.ones(2, 2), torch.tensor([0.1, 0.2]))
+
+
+def test_subset_drop_names_a_branch_that_does_not_keep_the_samples() -> None:
+    class Pool(nn.Module):  # collapses the batch: (N, C) -> (1, C)
+        def forward(self, x: Tensor) -> Tensor:
+            return x.mean(0, keepdim=True)
+
+    block = Residual(Pool(), drop_path=0.5, drop_mode="subset")
+    with pytest.raises(ResidualError, match="must keep the sample axis.*drop_mode='row'"):
+        block(torch.randn(6, 4))
+    block.set_drop_path(0.5, drop_mode="row")  # the fix named: a per-sample mask
+    with pytest.raises(ResidualError, match=r"does not match shortcut output \(6, 4\)"):
+        block(torch.randn(6, 4))  # and the combinator's own check then names the shapes
+
+
+def test_a_traced_block_draws_what_the_block_draws() -> None:
+    from residual.drop import SampleAxis
+
+    block = Residual(nn.Linear(8, 8), drop_path=0.5, sample_axis=SampleAxis(1, batched_ndim=3))
+    traced = torch.fx.symbolic_trace(block)
+    x = torch.randn(5, 16, 8)
+    torch.manual_seed(0)
+    ours = block(x)
+    torch.manual_seed(0)
+    assert torch.equal(traced(x), ours)
+    _whole_samples(ours - x, 2 * block.fn(x), 1)
