@@ -19,7 +19,13 @@ from residual import _branch
 from residual._checkpoint import call_branch
 from residual._dims import hint_layout
 from residual._types import DropMode
-from residual.drop import SampleAxis, make_drop_policy, optional_drop_state, read_sample_axis
+from residual.drop import (
+    SampleAxis,
+    make_drop_policy,
+    optional_drop_state,
+    read_sample_axis,
+    returns_tuple,
+)
 from residual.errors import ResidualError, check_module
 from residual.merges import check_merge_fits
 from residual.shortcuts import NoShortcut, shortcut_for
@@ -145,6 +151,11 @@ class Residual(nn.Module):
             self._hint_layout = hint_layout(self.shortcut, self.fn)
 
     @property
+    def returns_tuple(self) -> bool:
+        """Whether the block returns a tuple: its branch is known to (see ``set_drop_path``)."""
+        return returns_tuple(self.fn)
+
+    @property
     def drop_path(self) -> float:
         """The stochastic depth rate (0 when the block drops nothing)."""
         return float(self.drop.p) if self.drop is not None else 0.0
@@ -169,6 +180,11 @@ class Residual(nn.Module):
             raise TypeError(f"Residual: scale_by_keep must be True or False, got {scale_by_keep!r}")
         scale = self.scale_by_keep if scale_by_keep is None else scale_by_keep
         policy = make_drop_policy(drop_path, mode, scale)
+        if policy is not None and mode != "row" and returns_tuple(self.fn):
+            raise TypeError(
+                f"Residual: drop_mode={mode!r} cannot skip {type(self.fn).__name__}, which "
+                "returns a tuple (a skipped branch has no rest to pass on); use drop_mode='row'"
+            )
         if policy is not None and isinstance(self.shortcut, NoShortcut):
             raise ResidualError(
                 "Residual: drop_path needs a shortcut; with shortcut='none' dropping the branch "

@@ -54,6 +54,7 @@ __all__ = [
     "make_drop_policy",
     "optional_drop_state",
     "read_sample_axis",
+    "returns_tuple",
 ]
 
 DROP_MODES: tuple[str, ...] = ("row", "batch", "subset")
@@ -220,6 +221,33 @@ def read_sample_axis(fn: nn.Module) -> SampleAxis:
     if isinstance(fn, _CONVS):
         return SampleAxis(0, batched_ndim=len(fn.kernel_size) + 2)
     return SampleAxis()
+
+
+def returns_tuple(fn: nn.Module) -> bool:
+    """Whether a branch is known to return a tuple (the tensor to add, then more).
+
+    torch's RNNs and ``nn.MultiheadAttention`` do; so does a module whose ``returns_tuple``
+    attribute is True (a residual block around such a branch, value-residual attention).
+    "batch" and "subset" drop refuse these: a skipped branch cannot give the rest of its tuple.
+
+    >>> from torch import nn
+    >>> returns_tuple(nn.LSTM(4, 4)), returns_tuple(nn.Linear(4, 4))
+    (True, False)
+    """
+    if isinstance(fn, nn.RNNBase | nn.MultiheadAttention):
+        return True
+    flag = getattr(fn, "returns_tuple", False)
+    return flag if isinstance(flag, bool) else False
+
+
+def _refuse_trace(x: Any, mode: str) -> None:
+    if isinstance(x, torch.fx.Proxy):
+        raise TypeError(
+            f"Residual: drop_mode={mode!r} decides at run time whether (or on which samples) "
+            "the branch runs, which torch.fx.symbolic_trace cannot record; trace the model in "
+            "eval mode (model.eval()), or use drop_mode='row' (traceable), or torch.compile / "
+            "torch.export, which record the skip as a torch.cond"
+        )
 
 
 def _check_main(x: Any, caller: str) -> None:
@@ -447,6 +475,7 @@ class BatchDrop(_Policy):
         ckpt: bool,
         axis: SampleAxis = _BATCH_FIRST,
     ) -> Tensor:
+        _refuse_trace(x, "batch")
         keep = _uniform(self.seed, self.step) < self.keep  # the rate as a buffer: no recompile
         with torch.no_grad():
             self.step.add_(1)
@@ -583,6 +612,7 @@ class SubsetDrop(_Policy):
         ckpt: bool,
         axis: SampleAxis = _BATCH_FIRST,
     ) -> Tensor:
+        _refuse_trace(x, "subset")
         if args or kwargs:
             raise ResidualError(
                 "Residual: drop_mode='subset' runs the branch on a subset of the samples and "

@@ -135,20 +135,25 @@ def test_merge_and_post_apply_in_every_mode() -> None:
         assert rows.all(), mode
 
 
+class _Pair(nn.Module):
+    """A user's branch returning a tuple, which no reading of the module can know."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x, x
+
+
 def test_mode_errors() -> None:
-    block = Residual(
-        nn.MultiheadAttention(4, 1, batch_first=True), drop_path=0.2, drop_mode="subset"
-    )
+    block = Residual(MySelfAttention(4, 1), drop_path=0.2, drop_mode="subset")
     x = torch.randn(2, 3, 4)
     with pytest.raises(ResidualError, match="subset.*use drop_mode='row' or 'batch'"):
-        block(x, x, x)
+        block(x, key_padding_mask=torch.zeros(2, 3, dtype=torch.bool))
     torch.manual_seed(0)
-    lstm = Residual(nn.LSTM(4, 4, batch_first=True), drop_path=0.2, drop_mode="batch")
+    pair = Residual(_Pair(), drop_path=0.2, drop_mode="batch")
     with pytest.raises(
         TypeError, match="needs a branch that returns a tensor.*use drop_mode='row'"
     ):
         for _ in range(20):
-            lstm(x)
+            pair(x)
 
 
 def test_row_mode_passes_tuples_through() -> None:
@@ -1020,3 +1025,28 @@ def test_a_traced_block_draws_what_the_block_draws() -> None:
     torch.manual_seed(0)
     assert torch.equal(traced(x), ours)
     _whole_samples(ours - x, 2 * block.fn(x), 1)
+
+
+@pytest.mark.parametrize("mode", ["batch", "subset"])
+def test_skipping_modes_refuse_a_branch_that_returns_a_tuple_when_set(mode: str) -> None:
+    from residual.models import ValueResidualGPTBlock
+
+    block = ValueResidualGPTBlock(8, 2)
+    with pytest.raises(TypeError, match=r"returns a tuple.*use drop_mode='row'"):
+        block.attn.set_drop_path(1.0, drop_mode=mode)  # before: a tensor for a skipped step
+    with pytest.raises(TypeError, match="returns a tuple"):
+        Residual(nn.LSTM(4, 4), drop_path=0.5, drop_mode=mode)
+    block.attn.set_drop_path(1.0, drop_mode="row")  # the fix: the tuple passes through
+    x = torch.randn(3, 5, 8)
+    y, values = block(x)
+    assert y.shape == x.shape and values.shape == (3, 2, 5, 4)
+
+
+@pytest.mark.parametrize("mode", ["batch", "subset"])
+def test_fx_refuses_a_training_skip_and_names_the_fixes(mode: str) -> None:
+    block = Residual(nn.Linear(4, 4), drop_path=0.5, drop_mode=mode)
+    with pytest.raises(TypeError, match=r"symbolic_trace cannot record.*model\.eval\(\)"):
+        torch.fx.symbolic_trace(block)
+    traced = torch.fx.symbolic_trace(block.eval())  # the fix: trace for inference
+    x = torch.randn(3, 4)
+    assert torch.equal(traced(x), x + block.fn(x))

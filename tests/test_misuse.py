@@ -401,7 +401,7 @@ CATALOGUE: list[Misuse] = [
         "drop_mode='batch' around a branch returning a tuple",
         _lstm_batch_drop,
         TypeError,
-        "needs a branch that returns a tensor.*use drop_mode='row'",
+        "returns a tuple.*use drop_mode='row'",
     ),
     Misuse(
         "schedule-no-residual",

@@ -338,6 +338,8 @@ class ValueResidualAttention(nn.Module):
     torch.Size([2, 5, 16])
     """
 
+    returns_tuple = True  # (output, values): "batch" / "subset" drop cannot skip it
+
     def __init__(
         self,
         attention: SelfAttention,
