@@ -12,9 +12,10 @@ residuals. With the streams ``x = (x_1..x_n)`` of one token (each ``C`` channels
 ``dynamic=False`` keeps the biases only (static, per layer). Init: ``b_pre`` the one-hot of
 stream ``layer_index mod n`` (logits), ``b_post = 0`` (``H_post = 1``), ``b_res = I`` (logits),
 ``a = 0.01``, ``phi = 0``. The shortcut (:class:`MHCMix`) is ``H_res`` alone, so with the
-branch's contribution zero the sum of the streams is kept (the columns of ``H_res`` sum to 1,
-exactly after each Sinkhorn round) and every stream is a convex combination of the input streams
-up to the rows' convergence.
+branch's contribution zero the sum of the streams is kept (the columns of ``H_res`` sum to 1
+after each Sinkhorn round, to rounding) and every stream is a convex combination of the input
+streams up to the rows' convergence. :func:`sinkhorn` computes in float32 at least, so a
+float16 or bfloat16 layer rounds ``H_res`` once, to its own dtype.
 """
 
 from __future__ import annotations
@@ -47,9 +48,16 @@ def sinkhorn(logits: Tensor, iters: int = 20) -> Tensor:
     """Sinkhorn-Knopp over the last two dims: ``exp(logits)``, then rows and columns scaled to
     sum 1, in turn, ``iters`` times (rows first, columns last).
 
-    The result is non-negative; its columns sum to 1 (to rounding) and its rows to within the
-    convergence after ``iters`` rounds. Differentiable once: the backward runs through every
-    round, written out (a gradient of the gradient raises instead).
+    Computed in float32 at least (float64 stays float64) and returned in the input's dtype. The
+    first round runs in the log domain (``logits - logsumexp``), so no row or column of
+    ``exp(logits)`` underflows to zeros: finite logits never give NaN, whatever their size
+    (float16 ``[[20, 0], [20, 0]]`` or float32 logits of 200 would otherwise). After it every
+    row and column sum lies in ``[1/n, n]``, and the later rounds scale in the linear domain.
+
+    The result is non-negative; its columns sum to 1 (to the rounding of the computation and of
+    the cast back to the input's dtype) and its rows to within the convergence after ``iters``
+    rounds. Differentiable once: the backward runs through every round, written out (a
+    gradient of the gradient raises instead).
 
     Raises:
         ResidualError: ``logits`` is not a (batch of) square matrix, or ``iters < 1``.
@@ -58,6 +66,9 @@ def sinkhorn(logits: Tensor, iters: int = 20) -> Tensor:
     >>> m = sinkhorn(torch.randn(4, 4))
     >>> bool(torch.allclose(m.sum(0), torch.ones(4))), bool(torch.allclose(m.sum(1), torch.ones(4)))
     (True, True)
+    >>> sinkhorn(torch.tensor([[20.0, 0.0], [20.0, 0.0]], dtype=torch.float16))
+    tensor([[0.5000, 0.5000],
+            [0.5000, 0.5000]], dtype=torch.float16)
     """
     check_positive_int("sinkhorn", "iters", iters)
     if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
@@ -72,18 +83,21 @@ class _Sinkhorn(torch.autograd.Function):
 
     With the batch of matrices as ``(n, n, ...)`` every row/column sum is a vectorised add of
     contiguous slices (measured ~10x faster than summing ``(..., n, n)``'s inner dims of 4).
-    Each scaling ``y = x / r`` (``r``: sums over rows or columns) gets the backward
+    The first round is in the log domain: ``u = x - logsumexp_rows(x)``, ``v = u -
+    logsumexp_cols(u)``, ``m = exp(v)``; its backward is ``du = m (dm - sum_cols(dm m))`` and
+    ``dx = du - p sum_rows(du)`` with ``p = exp(u)``. Each later scaling ``y = x / r`` (``r``:
+    sums over rows or columns, in ``[1/n, n]`` after the first round) gets the backward
     ``dx = (dy - sum(dy * y)) / r``: 4 kernels, where autograd's chain takes ~7. The forward
-    keeps every step's ``y`` and ``r``, as autograd would. Once differentiable.
+    keeps ``p`` and every step's ``y`` and ``r``, as autograd would. Once differentiable.
     """
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, iters: int) -> Tensor:
         first = logits.movedim((-2, -1), (0, 1)).contiguous()  # (n, n, ...): row i, column j
-        # A row's constant shift cancels in the first row scaling: the max out keeps exp finite.
-        m = torch.exp(first - first.amax(1, keepdim=True))
-        saved = [m]
-        for _ in range(iters):
+        rows = first - first.logsumexp(1, keepdim=True)
+        m = torch.exp(rows - rows.logsumexp(0, keepdim=True))
+        saved = [torch.exp(rows), m]
+        for _ in range(iters - 1):
             for dim in (1, 0):  # rows, then columns
                 r = m.sum(dim, keepdim=True)
                 m = m / r
@@ -94,17 +108,21 @@ class _Sinkhorn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        m, *saved = ctx.saved_tensors
+        p, m, *saved = ctx.saved_tensors
         g = grad.movedim((-2, -1), (0, 1)).contiguous()
         for k in reversed(range(len(saved) // 2)):
             y, r = saved[2 * k], saved[2 * k + 1]
             g = (g - (g * y).sum(1 - k % 2, keepdim=True)) / r
-        return (g * m).movedim((0, 1), (-2, -1)), None
+        g = m * (g - (g * m).sum(0, keepdim=True))  # through the first column step
+        g = g - p * g.sum(1, keepdim=True)  # through the first row step
+        return g.movedim((0, 1), (-2, -1)), None
 
 
 def _sinkhorn(logits: Tensor, iters: int) -> Tensor:
-    out: Tensor = _Sinkhorn.apply(logits, iters)
-    return out
+    """:class:`_Sinkhorn` in float32 at least, cast back to the logits' dtype. An FX leaf."""
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    out: Tensor = _Sinkhorn.apply(wide, iters)
+    return out.to(logits.dtype)
 
 
 def _rms_projection(last: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -343,6 +361,7 @@ for _name in (
     "along_streams",
     "check_branch_shape",
     "_flat_rms_projection",
+    "_sinkhorn",
     "stream_spread",
     "stream_sum",
     "token_mix",
