@@ -155,8 +155,18 @@ class _TokenMix(_SavesInputs):
     def forward(matrix: Tensor, streams: Tensor) -> Tensor:
         # (i, j, ..., 1), contiguous: tiny, and each coefficient a broadcastable slice
         m = matrix.movedim((-2, -1), (0, 1)).contiguous().unsqueeze(-1)
-        out = torch.empty_like(streams)
         n = streams.shape[0]
+        if torch.compiler.is_exporting():
+            # The exported program runs these ops, and autograd differentiates them where it
+            # runs with grad enabled: no ``out=``, which autograd refuses; the same chains.
+            rows = []
+            for i in range(n):
+                acc = m[i, 0] * streams[0]
+                for j in range(1, n):
+                    acc = acc.addcmul(m[i, j], streams[j])
+                rows.append(acc)
+            return torch.stack(rows)
+        out = torch.empty_like(streams)  # eager (grad off inside a Function): in place
         for i in range(n):
             torch.mul(m[i, 0], streams[0], out=out[i])
             for j in range(1, n):
