@@ -46,6 +46,7 @@ from residual.streams._fold import (
     along_streams,
     channels_last,
     check_branch_shape,
+    check_channels,
     check_stream_batch,
     layer_normed_matmul,
     native,
@@ -131,6 +132,7 @@ class StreamMix(nn.Module):
         self.dynamic = _Dynamic(dim, streams, 0.01) if dynamic else None
 
     def forward(self, h: Tensor) -> Tensor:
+        check_channels(h, self.dim, self.layout, "StreamMix", self.mix)
         s = per_stream(h, self.streams)  # (n, N, ...) in the input's layout
         if self.dynamic is None:  # one (n, n) matmul over the flat streams, any layout
             return (self.mix.t() @ s.reshape(self.streams, -1)).view(h.shape)
@@ -185,6 +187,7 @@ class HyperBranch(nn.Module):
         self.depth_dynamic = _Dynamic(dim, 1, 0.01) if dynamic else None
 
     def forward(self, h: Tensor) -> Tensor:
+        check_channels(h, self.dim, self.layout, "HyperBranch", self.width)
         s = per_stream(h, self.streams)  # (n, N, ...) in the input's layout
         if self.width_dynamic is None or self.depth_dynamic is None:
             x = (self.width @ s.reshape(self.streams, -1)).view(s.shape[1:])
@@ -244,6 +247,7 @@ def hyper_residual(
 for _name in (
     "along_streams",
     "check_branch_shape",
+    "check_channels",
     "check_stream_batch",
     "layer_normed_matmul",
     "stream_spread",

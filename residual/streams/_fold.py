@@ -36,6 +36,59 @@ def per_stream(h: Tensor, streams: int, caller: str = "hyper-connections") -> Te
     return h.unflatten(0, (streams, -1))
 
 
+def check_channels(
+    x: Tensor, dim: int, layout: Layout, caller: str, like: Tensor, fracs: int = 0
+) -> None:
+    """Raise unless ``x`` holds ``dim`` channels where ``layout`` puts them (the last axis, or
+    axis 1) and has the dtype of ``like`` (a parameter of the layer; any dtype under autocast).
+
+    ``fracs`` > 0: ``x`` is a frac-connection's hidden state, which may be one unbatched
+    ``(C,)``; otherwise a stream tensor ``(streams * N, ..., C)``. An FX leaf.
+    """
+    _check_dtype(x, caller, like)
+    first = layout == "channels_first"
+    lowest = 1 if fracs and not first else 2  # the least rank with a channel axis
+    with _branch.shape_checks():  # reads the rank and the channel axis only (no guard on N)
+        rank = x.dim()
+        fits = rank >= lowest and bool(x.shape[1 if first else -1] == dim)
+    if fits:
+        return
+    with _branch.shape_checks():
+        shape = tuple(int(size) for size in x.shape)
+    built = f"{caller}: built with dim={dim}, layout={layout!r}"
+    if rank < lowest:
+        if fracs:
+            raise ResidualError(
+                f"{built}: expects a tensor (N, C, ...), got shape {shape}; build it with "
+                "layout='channels_last' for one unbatched hidden state (C,)"
+            )
+        raise ResidualError(
+            f"{built}: expects a stream tensor (streams * N, ..., C), got shape {shape}; give "
+            "each row its channels, x.unsqueeze(-1), and build it with dim=1"
+        )
+    got = shape[1 if first else -1]
+    fixes = []
+    if rank > 2 and shape[-1 if first else 1] == dim:  # the other layout fits
+        fixes.append("layout='channels_last'" if first else "layout='channels_first'")
+    if fracs and got % fracs:  # the largest count below fracs that splits the width
+        fixes.append(f"dim={got} and fracs={max(k for k in range(1, fracs) if got % k == 0)}")
+    else:
+        fixes.append(f"dim={got}")
+    raise ResidualError(
+        f"{built}: {'axis 1' if first else 'the last axis'} must be {dim}, got {got} "
+        f"(shape {shape}); build it with {' or '.join(fixes)}"
+    )
+
+
+def _check_dtype(x: Tensor, caller: str, like: Tensor) -> None:
+    if x.dtype != like.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{caller}: a {x.dtype} stream into a layer of {like.dtype} parameters; cast the "
+            f"layer (layer.to({x.dtype})) or the stream (x.to({like.dtype})), or run it under "
+            "torch.autocast"
+        )
+
+
 def check_branch_shape(x: Tensor, out: Tensor, caller: str) -> None:
     """Raise unless the branch kept the stream's shape. An FX leaf."""
     with _branch.shape_checks():

@@ -21,7 +21,13 @@ from torch import Tensor, nn
 from residual._types import Layout, check_layout, check_positive_int
 from residual.core import Residual
 from residual.errors import ResidualError
-from residual.streams._fold import channels_last, check_branch_shape, layer_normed_matmul, native
+from residual.streams._fold import (
+    channels_last,
+    check_branch_shape,
+    check_channels,
+    layer_normed_matmul,
+    native,
+)
 
 __all__ = ["FracBranch", "FracMix", "frac_residual"]
 
@@ -91,6 +97,7 @@ class FracBranch(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         m = self.fracs
+        check_channels(x, self.dim, self.layout, "FracBranch", self.width, m)
         f = _fractions(x, m, self.layout)
         width: Tensor = self.width
         depth: Tensor = self.depth
@@ -127,6 +134,7 @@ class FracMix(nn.Module):
         self.dynamic = _FracDynamic(dim // fracs, fracs) if dynamic else None
 
     def forward(self, x: Tensor) -> Tensor:
+        check_channels(x, self.dim, self.layout, "FracMix", self.mix, self.fracs)
         f = _fractions(x, self.fracs, self.layout)
         mix: Tensor = self.mix
         if self.dynamic is not None:
@@ -172,5 +180,5 @@ def frac_residual(
     return Residual(branch, shortcut=mix, post=post, drop_path=drop_path)
 
 
-for _name in ("check_branch_shape", "layer_normed_matmul"):
+for _name in ("check_branch_shape", "check_channels", "layer_normed_matmul"):
     torch.fx.wrap(_name)

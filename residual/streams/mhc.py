@@ -33,6 +33,7 @@ from residual.streams._fold import (
     along_streams,
     channels_last,
     check_branch_shape,
+    check_channels,
     native,
     per_stream,
     stream_spread,
@@ -230,6 +231,7 @@ class MHCBranch(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         n = self.streams
+        check_channels(h, self.dim, self.layout, "MHCBranch", self.pre_bias)
         s = per_stream(h, n, "MHCBranch")  # (n, N, ...) in the input's layout
         if self.weight is None or self.pre_scale is None or self.post_scale is None:
             pre = torch.sigmoid(self.pre_bias)
@@ -293,6 +295,7 @@ class MHCMix(nn.Module):
             return _sinkhorn(self.res_bias, self.sinkhorn_iters)
         if h is None:
             raise ResidualError("MHCMix.matrix: a dynamic H_res depends on the streams; pass h")
+        check_channels(h, self.dim, self.layout, "MHCMix", self.res_bias)
         last = channels_last(per_stream(h, self.streams, "MHCMix"), self.layout)
         return self._dynamic_matrix(last, self.weight, self.res_scale)
 
@@ -302,6 +305,7 @@ class MHCMix(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         n = self.streams
+        check_channels(h, self.dim, self.layout, "MHCMix", self.res_bias)
         s = per_stream(h, n, "MHCMix")
         if self.weight is None or self.res_scale is None:
             return (_sinkhorn(self.res_bias, self.sinkhorn_iters) @ s.reshape(n, -1)).view(h.shape)
@@ -360,6 +364,7 @@ def mhc_residual(
 for _name in (
     "along_streams",
     "check_branch_shape",
+    "check_channels",
     "_flat_rms_projection",
     "_sinkhorn",
     "stream_spread",
