@@ -300,3 +300,30 @@ def test_misuse_of_the_depth_parts_raises_a_clear_error() -> None:
         block(torch.randn(1, 5, 16), first_values=v)
     with pytest.raises(ResidualError, match="two logits"):
         LaurelRW(init=(0.0, 0.0, 0.0))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("build", ["DepthStack", "denseformer", "laurel_pa"])
+def test_value_residual_blocks_without_values_true_name_it(build: str) -> None:
+    """Before: "Residual: the first argument must be the main tensor, got tuple" (the next
+    block fed the pair) or "'tuple' object has no attribute 'dtype'" (a depth connection)."""
+    make = {
+        "DepthStack": lambda blocks, **kw: DepthStack(blocks, **kw),
+        "denseformer": lambda blocks, **kw: denseformer(blocks, **kw),
+        "laurel_pa": lambda blocks, **kw: laurel_pa(blocks, 16, rank=2, **kw),
+    }[build]
+    torch.manual_seed(0)
+    blocks = [ValueResidualGPTBlock(16, 2) for _ in range(3)]
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(
+        TypeError,
+        match=(
+            "^DepthStack: blocks\\[0\\] \\(ValueResidualGPTBlock\\) returned a tuple, not a "
+            "tensor; build the stack with values=True for blocks that return \\(output, "
+            "values\\) \\(value residual learning\\), or have each block return its output "
+            "alone$"
+        ),
+    ):
+        make(blocks)(x)
+    fixed = make(blocks, values=True)  # the fix the message names
+    expected = DepthStack(blocks, values=True)(x)  # at init every connection is the plain one
+    torch.testing.assert_close(fixed(x), expected)
