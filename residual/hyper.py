@@ -27,9 +27,12 @@ True
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
+from residual import _branch
 from residual._types import Layout, check_layout, check_positive_int
 from residual.core import Residual
 from residual.errors import ResidualError, check_module
@@ -152,7 +155,8 @@ class HyperBranch(nn.Module):
 
     ``fn`` sees one stream-sized tensor ``(N, ...)``; its output goes back to every stream,
     weighted by the depth connection ``B`` (1 at init). ``Am`` (the width connection) starts as
-    the one-hot of stream ``layer_index mod n``.
+    the one-hot of stream ``layer_index mod n``. Extra arguments, ``branch(h, *args,
+    **kwargs)``, go to ``fn`` untouched: masks are per sample, for the ``(N, ...)`` input.
 
     >>> import torch
     >>> from torch import nn
@@ -186,7 +190,10 @@ class HyperBranch(nn.Module):
         self.width_dynamic = _Dynamic(dim, 1, 0.01) if dynamic else None
         self.depth_dynamic = _Dynamic(dim, 1, 0.01) if dynamic else None
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if type(args) is not tuple:  # torch.fx.symbolic_trace(branch): *args is one Proxy
+            _branch.check_no_extra_args(args, kwargs)
+            args, kwargs = (), {}
         check_channels(h, self.dim, self.layout, "HyperBranch", self.width)
         s = per_stream(h, self.streams)  # (n, N, ...) in the input's layout
         if self.width_dynamic is None or self.depth_dynamic is None:
@@ -200,7 +207,7 @@ class HyperBranch(nn.Module):
             depth = self.depth_dynamic.scale * dyn[..., 1:] + along_streams(self.depth, last)
             width, depth = native(width, self.layout), native(depth, self.layout)
             x = stream_sum(width, s)  # (N, ...): the branch's input
-        out = self.fn(x)
+        out = self.fn(x, *args, **kwargs)
         check_branch_shape(x, out, "HyperBranch")
         return stream_spread(depth, out).flatten(0, 1)
 

@@ -195,3 +195,17 @@ def test_torch_export_of_stream_layers_with_grad_enabled(build, shape) -> None:
     exported(xe).square().sum().backward()
     model(xm).square().sum().backward()
     torch.testing.assert_close(xe.grad, xm.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["hyper", "mhc", "frac"])
+def test_torch_export_of_stream_layers_with_a_padding_mask(kind: str) -> None:
+    """The branch passes the mask on to fn (per sample, (N, L)), in the exported program too."""
+    from residual.hyper import frac_residual, hyper_residual, mhc_residual
+
+    make = {"hyper": hyper_residual, "mhc": mhc_residual, "frac": frac_residual}[kind]
+    model = _randomised(make(MySelfAttention(16, 4), 2, 16))
+    rows = 2 if kind == "frac" else 2 * 2
+    x = torch.randn(rows, 5, 16, generator=torch.Generator().manual_seed(2))
+    program = torch.export.export(model, (x,), {"key_padding_mask": PADDING})
+    got = program.module()(x, key_padding_mask=PADDING)
+    torch.testing.assert_close(got, model(x, key_padding_mask=PADDING), atol=1e-5, rtol=1e-5)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from residual import _branch
 from residual._types import Layout, check_layout, check_positive_int
 from residual.core import Residual
 from residual.errors import ResidualError
@@ -189,7 +190,9 @@ class MHCBranch(nn.Module):
     """The branch of an mHC layer: ``H_post(x)[i] * fn(sum_j H_pre(x)[j] x_j)`` to stream i.
 
     Args:
-        fn: the layer, called on one stream-sized tensor ``(N, ...)`` (it must keep the shape).
+        fn: the layer, called on one stream-sized tensor ``(N, ...)`` (it must keep the shape),
+            with the extra arguments of ``branch(h, *args, **kwargs)`` untouched (masks are
+            per sample, for that ``(N, ...)`` input).
         streams: n; dim: channels per stream; dynamic: input-dependent ``H_pre``/``H_post``;
         layer_index: the stream ``b_pre`` favours at init (``layer_index mod n``);
         layout: where the channels are.
@@ -229,7 +232,10 @@ class MHCBranch(nn.Module):
             self.pre_scale = nn.Parameter(torch.tensor(0.01))
             self.post_scale = nn.Parameter(torch.tensor(0.01))
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if type(args) is not tuple:  # torch.fx.symbolic_trace(branch): *args is one Proxy
+            _branch.check_no_extra_args(args, kwargs)
+            args, kwargs = (), {}
         n = self.streams
         check_channels(h, self.dim, self.layout, "MHCBranch", self.pre_bias)
         s = per_stream(h, n, "MHCBranch")  # (n, N, ...) in the input's layout
@@ -244,7 +250,7 @@ class MHCBranch(nn.Module):
             post = 2 * torch.sigmoid(self.post_scale * proj[..., n:] + self.post_bias)
             x = stream_sum(_stream_first(pre, self.layout), s)
             post = _stream_first(post, self.layout)
-        out = self.fn(x)
+        out = self.fn(x, *args, **kwargs)
         check_branch_shape(x, out, "MHCBranch")
         return stream_spread(post, out).flatten(0, 1)
 
