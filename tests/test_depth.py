@@ -327,3 +327,27 @@ def test_value_residual_blocks_without_values_true_name_it(build: str) -> None:
     fixed = make(blocks, values=True)  # the fix the message names
     expected = DepthStack(blocks, values=True)(x)  # at init every connection is the plain one
     torch.testing.assert_close(fixed(x), expected)
+
+
+def test_resi_dual_branch_passes_masks_and_extra_arguments_to_fn() -> None:
+    """Before: "ResiDualBranch.forward() got an unexpected keyword argument
+    'key_padding_mask'". The mask is per sample, (N, L), for the post-norm stream x_a."""
+    from conftest import MySelfAttention
+
+    torch.manual_seed(0)
+    attn = MySelfAttention(16, 4)
+    layer = resi_dual_residual(attn, 16)
+    x = torch.randn(3, 5, 16)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[2, 2:] = True
+    h = expand_streams(x, 2)
+    out = layer(h, key_padding_mask=pad)
+    f = attn(x, key_padding_mask=pad)
+    ln = layer.post.norm
+    expected = torch.cat([F.layer_norm(x + f, (16,), ln.weight, ln.bias), x + f])
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(layer(h, pad), out, atol=0, rtol=0)  # positionally too
+    traced = torch.fx.symbolic_trace(layer.fn)  # traced on its own: no extra arguments later
+    torch.testing.assert_close(traced(h), layer.fn(h))
+    with pytest.raises(TypeError, match="traced with torch.fx.symbolic_trace on its own"):
+        traced(h, key_padding_mask=pad)
