@@ -1051,3 +1051,24 @@ def test_a_stream_of_another_dtype_names_both_and_the_casts(name: str, dynamic: 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(h).shape == h.shape
     assert layer.to(torch.bfloat16)(h).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "static"])
+@pytest.mark.parametrize("make", [hyper_residual, mhc_residual, frac_residual])
+def test_torch_func_grad_equals_autograd(make: Any, dynamic: bool) -> None:
+    """``torch.func.grad`` over ``functional_call``: the written-out kernels override
+    ``setup_context`` (before: "In order to use an autograd.Function with functorch transforms
+    ... it must override the setup_context staticmethod" for the dynamic layers and mHC)."""
+    block = randomise(make(nn.Linear(4, 4), 2, 4, dynamic=dynamic), seed=11)
+    h = torch.randn(2 * 3, 5, 4, dtype=F64)
+    params = {k: v.detach() for k, v in block.named_parameters()}
+
+    def loss(p: dict[str, Tensor], h: Tensor) -> Tensor:
+        return torch.func.functional_call(block, p, (h,)).square().sum()
+
+    got, got_h = torch.func.grad(loss, argnums=(0, 1))(params, h)
+    h_ = h.clone().requires_grad_()
+    want = torch.autograd.grad(block(h_).square().sum(), [*block.parameters(), h_])
+    for (name, g), w in zip(got.items(), want, strict=False):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-9, msg=name)
+    torch.testing.assert_close(got_h, want[-1], atol=1e-10, rtol=1e-9)

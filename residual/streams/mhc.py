@@ -90,31 +90,43 @@ class _Sinkhorn(torch.autograd.Function):
     ``dx = du - p sum_rows(du)`` with ``p = exp(u)``. Each later scaling ``y = x / r`` (``r``:
     sums over rows or columns, in ``[1/n, n]`` after the first round) gets the backward
     ``dx = (dy - sum(dy * y)) / r``: 4 kernels, where autograd's chain takes ~7. The forward
-    keeps ``p`` and every step's ``y`` and ``r``, as autograd would. Once differentiable.
+    keeps ``p`` and every step's ``y`` and ``r``, as autograd would: extra outputs, not
+    differentiable, so that ``setup_context`` can save them (``torch.func``); the last ``y`` is
+    the result itself. Once differentiable.
     """
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, iters: int) -> Tensor:
+    def forward(logits: Tensor, iters: int) -> tuple[Tensor, ...]:
         first = logits.movedim((-2, -1), (0, 1)).contiguous()  # (n, n, ...): row i, column j
         rows = first - first.logsumexp(1, keepdim=True)
         m = torch.exp(rows - rows.logsumexp(0, keepdim=True))
-        saved = [torch.exp(rows), m]
+        ys, rs = [m], []
         for _ in range(iters - 1):
             for dim in (1, 0):  # rows, then columns
                 r = m.sum(dim, keepdim=True)
                 m = m / r
-                saved += [m, r]
-        ctx.save_for_backward(*saved)
-        return m.movedim((0, 1), (-2, -1))
+                ys.append(m)
+                rs.append(r)
+        return (m.movedim((0, 1), (-2, -1)), torch.exp(rows), *ys[:-1], *rs)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, int], output: tuple[Tensor, ...]) -> None:
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*output)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        p, m, *saved = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor | None, *_: Tensor | None) -> tuple[Tensor | None, None]:
+        if grad is None:  # no gradient reached the result (the other outputs have none)
+            return None, None
+        out, p, *saved = ctx.saved_tensors
+        steps = len(saved) // 2  # the scalings after the first round
+        ys = [*saved[:steps], out.movedim((-2, -1), (0, 1))]  # m after round 1, then each y
         g = grad.movedim((-2, -1), (0, 1)).contiguous()
-        for k in reversed(range(len(saved) // 2)):
-            y, r = saved[2 * k], saved[2 * k + 1]
-            g = (g - (g * y).sum(1 - k % 2, keepdim=True)) / r
+        for k in reversed(range(steps)):
+            g = (g - (g * ys[k + 1]).sum(1 - k % 2, keepdim=True)) / saved[steps + k]
+        m = ys[0]
         g = m * (g - (g * m).sum(0, keepdim=True))  # through the first column step
         g = g - p * g.sum(1, keepdim=True)  # through the first row step
         return g.movedim((0, 1), (-2, -1)), None
@@ -123,7 +135,7 @@ class _Sinkhorn(torch.autograd.Function):
 def _sinkhorn(logits: Tensor, iters: int) -> Tensor:
     """:class:`_Sinkhorn` in float32 at least, cast back to the logits' dtype. An FX leaf."""
     wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    out: Tensor = _Sinkhorn.apply(wide, iters)
+    out: Tensor = _Sinkhorn.apply(wide, iters)[0]
     return out.to(logits.dtype)
 
 
@@ -145,18 +157,31 @@ class _RmsProjection(torch.autograd.Function):
     applied after the matmul (a scalar per token), so no normalised copy is written; the
     backward folds the norm's term into one multiply-add on the matmul's input gradient
     (autograd would write a second stream-sized gradient for it), computed in the norm's dtype
-    (autograd casts the gradients back).
+    (autograd casts the gradients back). The rsqrt is an extra output, not differentiable, so
+    that ``setup_context`` can save it (``torch.func``).
     """
 
     @staticmethod
-    def forward(ctx: Any, last: Tensor, weight: Tensor, eps: float) -> Tensor:
-        out, rstd = _rms_projection(last, weight, eps)
-        ctx.eps = eps
-        ctx.save_for_backward(last, weight, out, rstd)
-        return out
+    def forward(last: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        return _rms_projection(last, weight, eps)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    def setup_context(
+        ctx: Any, inputs: tuple[Tensor, Tensor, float], output: tuple[Tensor, Tensor]
+    ) -> None:
+        last, weight, eps = inputs
+        out, rstd = output
+        ctx.mark_non_differentiable(rstd)
+        ctx.set_materialize_grads(False)
+        ctx.eps = eps
+        ctx.save_for_backward(last, weight, out, rstd)
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad: Tensor | None, _: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, None]:
+        if grad is None:  # no gradient reached the projection (the rsqrt has none)
+            return None, None, None
         last, weight, out, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the norm as a function of the streams
             out, rstd = _rms_projection(last, weight, ctx.eps)
@@ -177,7 +202,7 @@ class _RmsProjection(torch.autograd.Function):
 def _flat_rms_projection(last: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """``RMSNorm(vec(x)) @ phi`` per token: ``last`` ``(n, N, ..., C)``, ``weight`` ``(n, C, K)``.
     Returns ``(N, ..., K)`` (see :class:`_RmsProjection`)."""
-    out: Tensor = _RmsProjection.apply(last, weight, eps)
+    out: Tensor = _RmsProjection.apply(last, weight, eps)[0]
     return out
 
 
