@@ -52,6 +52,7 @@ from residual.streams._fold import (
     check_channels,
     check_stream_batch,
     layer_normed_matmul,
+    mix_streams,
     native,
     per_stream,
     stream_spread,
@@ -138,7 +139,7 @@ class StreamMix(nn.Module):
         check_channels(h, self.dim, self.layout, "StreamMix", self.mix)
         s = per_stream(h, self.streams)  # (n, N, ...) in the input's layout
         if self.dynamic is None:  # one (n, n) matmul over the flat streams, any layout
-            return (self.mix.t() @ s.reshape(self.streams, -1)).view(h.shape)
+            return mix_streams(self.mix.t(), s, self.layout).flatten(0, 1)
         last = channels_last(s, self.layout)
         mix = along_streams(self.mix, last) + self.dynamic(last)  # (n, N, ..., n): row i
         if self.streams == 1:  # a scale of the one stream: exactly x when it is 1
@@ -197,7 +198,7 @@ class HyperBranch(nn.Module):
         check_channels(h, self.dim, self.layout, "HyperBranch", self.width)
         s = per_stream(h, self.streams)  # (n, N, ...) in the input's layout
         if self.width_dynamic is None or self.depth_dynamic is None:
-            x = (self.width @ s.reshape(self.streams, -1)).view(s.shape[1:])
+            x = mix_streams(self.width, s, self.layout)
             depth = along_streams(self.depth, s)
         else:  # both dynamic parts from one pass over the streams
             last = channels_last(s, self.layout)
@@ -257,6 +258,7 @@ for _name in (
     "check_channels",
     "check_stream_batch",
     "layer_normed_matmul",
+    "mix_streams",
     "stream_spread",
     "stream_sum",
     "token_mix",

@@ -1072,3 +1072,22 @@ def test_torch_func_grad_equals_autograd(make: Any, dynamic: bool) -> None:
     for (name, g), w in zip(got.items(), want, strict=False):
         torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-9, msg=name)
     torch.testing.assert_close(got_h, want[-1], atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "static"])
+@pytest.mark.parametrize("make", [hyper_residual, mhc_residual, frac_residual])
+def test_channels_last_memory_format_is_kept(make: Any, dynamic: bool) -> None:
+    """A channels-first stream stored channels last (``torch.channels_last``, as conv nets run
+    on CPU and GPU) stays so, as through a plain ``Residual``, with the same values. Before: the
+    static hyper-/mHC layers returned it contiguous (their flat ``(n, -1)`` matmul copied it)."""
+    block = randomise(
+        make(nn.Conv2d(4, 4, 3, padding=1), 2, 4, dynamic=dynamic, layout="channels_first"), seed=12
+    )
+    h = torch.randn(2 * 3, 4, 5, 6, dtype=F64)
+    stored = h.to(memory_format=torch.channels_last)
+    out = block(stored)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, block(h), atol=1e-12, rtol=0)
+    stored.requires_grad_()
+    block(stored).sum().backward()
+    assert stored.grad is not None

@@ -119,6 +119,24 @@ def native(t: Tensor, layout: Layout, dim: int = 2) -> Tensor:
     return t.movedim(-1, dim) if layout == "channels_first" else t
 
 
+def mix_streams(w: Tensor, s: Tensor, layout: Layout) -> Tensor:
+    """``w @ s.view(n, -1)``: one small matmul over the flat streams ``s`` ``(n, N, ...)``,
+    ``w`` ``(k, n)`` -> ``(k, N, ...)`` or ``(n,)`` -> ``(N, ...)``, in the memory layout of
+    ``s``: a channel-first stream stored channels last (``torch.channels_last``) is read through
+    its contiguous channels-last view, so the result is stored the same way (no copy). An FX
+    leaf: it reads strides.
+
+    >>> import torch
+    >>> w, s = torch.rand(3, 2), torch.randn(2, 4, 5)
+    >>> bool(torch.allclose(mix_streams(w, s, "channels_last"), torch.einsum("ki,inc->knc", w, s)))
+    True
+    """
+    last = channels_last(s, layout)
+    flat = last if last is not s and not s.is_contiguous() and last.is_contiguous() else s
+    out = (w @ flat.reshape(flat.shape[0], -1)).view(*w.shape[:-1], *flat.shape[1:])
+    return native(out, layout, dim=w.dim()) if flat is last and last is not s else out
+
+
 def _normed_matmul(x: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """``layer_norm(x) @ w`` as ``rstd * ((x - mean) @ w)``, with the row statistics (float32
     at least). The centred rows serve both the variance (exact where ``E[x²] - E[x]²`` would

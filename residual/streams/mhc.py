@@ -35,6 +35,7 @@ from residual.streams._fold import (
     channels_last,
     check_branch_shape,
     check_channels,
+    mix_streams,
     native,
     per_stream,
     stream_spread,
@@ -266,7 +267,7 @@ class MHCBranch(nn.Module):
         s = per_stream(h, n, "MHCBranch")  # (n, N, ...) in the input's layout
         if self.weight is None or self.pre_scale is None or self.post_scale is None:
             pre = torch.sigmoid(self.pre_bias)
-            x = (pre @ s.reshape(n, -1)).view(s.shape[1:])
+            x = mix_streams(pre, s, self.layout)
             post = along_streams(2 * torch.sigmoid(self.post_bias), s)
         else:
             last = channels_last(s, self.layout)
@@ -339,7 +340,8 @@ class MHCMix(nn.Module):
         check_channels(h, self.dim, self.layout, "MHCMix", self.res_bias)
         s = per_stream(h, n, "MHCMix")
         if self.weight is None or self.res_scale is None:
-            return (_sinkhorn(self.res_bias, self.sinkhorn_iters) @ s.reshape(n, -1)).view(h.shape)
+            res = _sinkhorn(self.res_bias, self.sinkhorn_iters)
+            return mix_streams(res, s, self.layout).flatten(0, 1)
         last = channels_last(s, self.layout)
         mix = self._dynamic_matrix(last, self.weight, self.res_scale)  # (N, ..., n, n)
         mixed = token_mix(mix, last)
@@ -398,6 +400,7 @@ for _name in (
     "check_channels",
     "_flat_rms_projection",
     "_sinkhorn",
+    "mix_streams",
     "stream_spread",
     "stream_sum",
     "token_mix",
