@@ -154,7 +154,8 @@ class DepthStack(nn.Module):
             is None for the first block and its values for every later one (value residual).
 
     Raises:
-        TypeError: a block or connection is not a module.
+        TypeError: a block or connection is not a module; at call time, a block returns a
+            tuple (say ``(output, values)``) without ``values=True``, or not that pair with it.
         ResidualError: no blocks, or not one connection per block.
 
     State dict keys: ``blocks.<i>.*``, ``connections.<i>.*``.
@@ -197,7 +198,7 @@ class DepthStack(nn.Module):
         outputs: list[Tensor] = [x]
         inputs: list[Tensor] = []
         first: Any = None
-        for block, connection in zip(self.blocks, self.connections, strict=True):
+        for i, (block, connection) in enumerate(zip(self.blocks, self.connections, strict=True)):
             inputs.append(x)
             if self.values:
                 result = block(x, first_values=first)
@@ -210,6 +211,13 @@ class DepthStack(nn.Module):
                 first = v if first is None else first
             else:
                 out = block(x)
+                if isinstance(out, tuple):  # (output, values): a value-residual block
+                    raise TypeError(
+                        f"DepthStack: blocks[{i}] ({type(block).__name__}) returned a tuple, not "
+                        "a tensor; build the stack with values=True for blocks that return "
+                        "(output, values) (value residual learning), or have each block return "
+                        "its output alone"
+                    )
             outputs.append(out)
             x = connection(outputs, inputs)
         return x
@@ -245,11 +253,17 @@ def denseformer(
 
 
 def laurel_pa(
-    blocks: Sequence[nn.Module], dim: int, *, rank: int = 16, window: int = 2
+    blocks: Sequence[nn.Module],
+    dim: int,
+    *,
+    rank: int = 16,
+    window: int = 2,
+    values: bool = False,
 ) -> DepthStack:
     """LAuReL-PA (Menghani et al., ICML 2025): each block's output plus the low-rank previous
     activations, :class:`PreviousActivations` after every block. The blocks are residuals
-    (``x + f(x)``); at init the stack equals the plain one exactly.
+    (``x + f(x)``); at init the stack equals the plain one exactly. ``values``: blocks that
+    return ``(output, values)`` (value residual learning, as in :class:`DepthStack`).
 
     >>> import torch
     >>> from torch import nn
@@ -262,4 +276,5 @@ def laurel_pa(
     return DepthStack(
         blocks,
         [PreviousActivations(dim, rank, i, window=window) for i in range(1, len(blocks) + 1)],
+        values=values,
     )

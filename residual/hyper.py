@@ -27,9 +27,12 @@ True
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
+from residual import _branch
 from residual._types import Layout, check_layout, check_positive_int
 from residual.core import Residual
 from residual.drop import SampleAxis
@@ -47,8 +50,10 @@ from residual.streams._fold import (
     along_streams,
     channels_last,
     check_branch_shape,
+    check_channels,
     check_stream_batch,
     layer_normed_matmul,
+    mix_streams,
     native,
     per_stream,
     stream_spread,
@@ -132,9 +137,10 @@ class StreamMix(nn.Module):
         self.dynamic = _Dynamic(dim, streams, 0.01) if dynamic else None
 
     def forward(self, h: Tensor) -> Tensor:
+        check_channels(h, self.dim, self.layout, "StreamMix", self.mix)
         s = per_stream(h, self.streams)  # (n, N, ...) in the input's layout
         if self.dynamic is None:  # one (n, n) matmul over the flat streams, any layout
-            return (self.mix.t() @ s.reshape(self.streams, -1)).view(h.shape)
+            return mix_streams(self.mix.t(), s, self.layout).flatten(0, 1)
         last = channels_last(s, self.layout)
         mix = along_streams(self.mix, last) + self.dynamic(last)  # (n, N, ..., n): row i
         if self.streams == 1:  # a scale of the one stream: exactly x when it is 1
@@ -151,7 +157,8 @@ class HyperBranch(nn.Module):
 
     ``fn`` sees one stream-sized tensor ``(N, ...)``; its output goes back to every stream,
     weighted by the depth connection ``B`` (1 at init). ``Am`` (the width connection) starts as
-    the one-hot of stream ``layer_index mod n``.
+    the one-hot of stream ``layer_index mod n``. Extra arguments, ``branch(h, *args,
+    **kwargs)``, go to ``fn`` untouched: masks are per sample, for the ``(N, ...)`` input.
 
     >>> import torch
     >>> from torch import nn
@@ -185,10 +192,14 @@ class HyperBranch(nn.Module):
         self.width_dynamic = _Dynamic(dim, 1, 0.01) if dynamic else None
         self.depth_dynamic = _Dynamic(dim, 1, 0.01) if dynamic else None
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if type(args) is not tuple:  # torch.fx.symbolic_trace(branch): *args is one Proxy
+            _branch.check_no_extra_args(args, kwargs)
+            args, kwargs = (), {}
+        check_channels(h, self.dim, self.layout, "HyperBranch", self.width)
         s = per_stream(h, self.streams)  # (n, N, ...) in the input's layout
         if self.width_dynamic is None or self.depth_dynamic is None:
-            x = (self.width @ s.reshape(self.streams, -1)).view(s.shape[1:])
+            x = mix_streams(self.width, s, self.layout)
             depth = along_streams(self.depth, s)
         else:  # both dynamic parts from one pass over the streams
             last = channels_last(s, self.layout)
@@ -198,7 +209,7 @@ class HyperBranch(nn.Module):
             depth = self.depth_dynamic.scale * dyn[..., 1:] + along_streams(self.depth, last)
             width, depth = native(width, self.layout), native(depth, self.layout)
             x = stream_sum(width, s)  # (N, ...): the branch's input
-        out = self.fn(x)
+        out = self.fn(x, *args, **kwargs)
         check_branch_shape(x, out, "HyperBranch")
         return stream_spread(depth, out).flatten(0, 1)
 
@@ -251,8 +262,10 @@ def hyper_residual(
 for _name in (
     "along_streams",
     "check_branch_shape",
+    "check_channels",
     "check_stream_batch",
     "layer_normed_matmul",
+    "mix_streams",
     "stream_spread",
     "stream_sum",
     "token_mix",

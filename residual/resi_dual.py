@@ -22,6 +22,8 @@ torch.Size([2, 8])
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -46,6 +48,9 @@ def _check_pair(h: Tensor, caller: str) -> None:
 class ResiDualBranch(nn.Module):
     """``(x_a, x_d) -> (F(x_a), F(x_a))``: the branch output goes to both streams.
 
+    Extra arguments, ``branch(h, *args, **kwargs)``, go to ``fn`` untouched (masks are per
+    sample, for the ``(N, ...)`` stream ``x_a``).
+
     >>> import torch
     >>> from torch import nn
     >>> ResiDualBranch(nn.Identity())(torch.arange(4.0).view(4, 1)).flatten()
@@ -57,9 +62,12 @@ class ResiDualBranch(nn.Module):
         check_module("ResiDualBranch", "fn", fn)
         self.fn = fn
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if type(args) is not tuple:  # torch.fx.symbolic_trace(branch): *args is one Proxy
+            _branch.check_no_extra_args(args, kwargs)
+            args, kwargs = (), {}
         _check_pair(h, "ResiDualBranch")
-        out = self.fn(h.unflatten(0, (2, -1))[0])
+        out = self.fn(h.unflatten(0, (2, -1))[0], *args, **kwargs)
         return torch.cat([out, out])
 
 

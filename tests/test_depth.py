@@ -300,3 +300,54 @@ def test_misuse_of_the_depth_parts_raises_a_clear_error() -> None:
         block(torch.randn(1, 5, 16), first_values=v)
     with pytest.raises(ResidualError, match="two logits"):
         LaurelRW(init=(0.0, 0.0, 0.0))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("build", ["DepthStack", "denseformer", "laurel_pa"])
+def test_value_residual_blocks_without_values_true_name_it(build: str) -> None:
+    """Before: "Residual: the first argument must be the main tensor, got tuple" (the next
+    block fed the pair) or "'tuple' object has no attribute 'dtype'" (a depth connection)."""
+    make = {
+        "DepthStack": lambda blocks, **kw: DepthStack(blocks, **kw),
+        "denseformer": lambda blocks, **kw: denseformer(blocks, **kw),
+        "laurel_pa": lambda blocks, **kw: laurel_pa(blocks, 16, rank=2, **kw),
+    }[build]
+    torch.manual_seed(0)
+    blocks = [ValueResidualGPTBlock(16, 2) for _ in range(3)]
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(
+        TypeError,
+        match=(
+            "^DepthStack: blocks\\[0\\] \\(ValueResidualGPTBlock\\) returned a tuple, not a "
+            "tensor; build the stack with values=True for blocks that return \\(output, "
+            "values\\) \\(value residual learning\\), or have each block return its output "
+            "alone$"
+        ),
+    ):
+        make(blocks)(x)
+    fixed = make(blocks, values=True)  # the fix the message names
+    expected = DepthStack(blocks, values=True)(x)  # at init every connection is the plain one
+    torch.testing.assert_close(fixed(x), expected)
+
+
+def test_resi_dual_branch_passes_masks_and_extra_arguments_to_fn() -> None:
+    """Before: "ResiDualBranch.forward() got an unexpected keyword argument
+    'key_padding_mask'". The mask is per sample, (N, L), for the post-norm stream x_a."""
+    from conftest import MySelfAttention
+
+    torch.manual_seed(0)
+    attn = MySelfAttention(16, 4)
+    layer = resi_dual_residual(attn, 16)
+    x = torch.randn(3, 5, 16)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[2, 2:] = True
+    h = expand_streams(x, 2)
+    out = layer(h, key_padding_mask=pad)
+    f = attn(x, key_padding_mask=pad)
+    ln = layer.post.norm
+    expected = torch.cat([F.layer_norm(x + f, (16,), ln.weight, ln.bias), x + f])
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(layer(h, pad), out, atol=0, rtol=0)  # positionally too
+    traced = torch.fx.symbolic_trace(layer.fn)  # traced on its own: no extra arguments later
+    torch.testing.assert_close(traced(h), layer.fn(h))
+    with pytest.raises(TypeError, match="traced with torch.fx.symbolic_trace on its own"):
+        traced(h, key_padding_mask=pad)

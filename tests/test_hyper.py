@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -95,3 +97,91 @@ def test_token_mix_has_the_einsum_gradients(shape: tuple[int, ...]) -> None:
         token_mix(matrix, streams), torch.einsum("...ij,j...c->i...c", matrix, streams)
     )
     assert torch.autograd.gradcheck(token_mix, (matrix, streams))
+
+
+class _Masked(nn.Module):
+    """``fn`` with the mask baked in: what a branch that passes the mask on must compute."""
+
+    def __init__(self, fn: nn.Module, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.fn, self.mask = fn, mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, key_padding_mask=self.mask)
+
+
+def _stream_layer(kind: str, fn: nn.Module, dynamic: bool) -> nn.Module:
+    from residual.hyper import frac_residual, mhc_residual
+
+    make = {"hyper": hyper_residual, "mhc": mhc_residual, "frac": frac_residual}[kind]
+    block = make(fn, 2, 16, dynamic=dynamic)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # connections off their init, so the branch input mixes the streams
+        for name, p in block.named_parameters():
+            if not name.startswith("fn.fn."):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    return block
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "static"])
+@pytest.mark.parametrize("kind", ["hyper", "mhc", "frac"])
+def test_stream_branches_pass_masks_and_extra_arguments_to_fn(kind: str, dynamic: bool) -> None:
+    """Before: "HyperBranch.forward() got an unexpected keyword argument 'key_padding_mask'".
+    The mask is per sample, ``(N, L)``, for the stream-sized branch input ``(N, L, C)``."""
+    from conftest import MySelfAttention
+
+    torch.manual_seed(0)
+    streams = 1 if kind == "frac" else 2
+    block = _stream_layer(kind, MySelfAttention(16, 4), dynamic)
+    n, length = 3, 5
+    pad = torch.zeros(n, length, dtype=torch.bool)
+    pad[1, 3:] = True  # sample 1: its last two positions are padding
+    h = torch.randn(streams * n, length, 16)
+    out = block(h, key_padding_mask=pad)
+    baked = copy.deepcopy(block)
+    baked.fn.fn = _Masked(baked.fn.fn, pad)
+    torch.testing.assert_close(out, baked(h), atol=0, rtol=0)
+    torch.testing.assert_close(block(h, pad), out, atol=0, rtol=0)  # positionally too
+    # the padded keys reach no other position: change them in every stream
+    moved = h.clone().view(streams, n, length, 16)
+    moved[:, 1, 3:] += 5.0
+    again = block(moved.view_as(h), key_padding_mask=pad).view(streams, n, length, 16)
+    kept = out.view(streams, n, length, 16)
+    torch.testing.assert_close(again[:, 1, :3], kept[:, 1, :3], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(block(moved.view_as(h))[:, :3], block(h)[:, :3], atol=1e-3)
+
+
+class _MaskedStack(nn.Module):
+    """A user's model that hands a padding mask to its stream layers."""
+
+    def __init__(self, kind: str, dynamic: bool) -> None:
+        super().__init__()
+        from conftest import MySelfAttention
+
+        self.streams = 1 if kind == "frac" else 2
+        self.layers = nn.ModuleList(
+            _stream_layer(kind, MySelfAttention(16, 4), dynamic) for _ in range(2)
+        )
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        h = expand_streams(x, self.streams)
+        for layer in self.layers:
+            h = layer(h, key_padding_mask=pad)
+        return reduce_streams(h, self.streams)
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "static"])
+@pytest.mark.parametrize("kind", ["hyper", "mhc", "frac"])
+def test_fx_traces_masks_through_stream_layers(kind: str, dynamic: bool) -> None:
+    torch.manual_seed(0)
+    model = _MaskedStack(kind, dynamic)
+    x, pad = torch.randn(3, 5, 16), torch.zeros(3, 5, dtype=torch.bool)
+    pad[0, 4:] = True
+    traced = torch.fx.symbolic_trace(model)
+    torch.testing.assert_close(traced(x, pad), model(x, pad))
+    # a branch traced on its own records fn(x) alone, and refuses extra arguments later
+    branch = torch.fx.symbolic_trace(model.layers[0].fn)
+    h = expand_streams(x, model.streams)
+    torch.testing.assert_close(branch(h), model.layers[0].fn(h))
+    with pytest.raises(TypeError, match="traced with torch.fx.symbolic_trace on its own"):
+        branch(h, key_padding_mask=pad)

@@ -906,3 +906,188 @@ def test_sinkhorn_is_stable_for_large_and_far_apart_logits(logits: list[list[flo
     m = sinkhorn(torch.tensor(logits))
     n = len(logits)
     torch.testing.assert_close(m, torch.full((n, n), 1.0 / n))
+
+
+# --- the stream against the layer: width, layout, rank, dtype ---------------------------------
+
+# name: make(dim, layout, dynamic, fn) for every part that reads a stream; count: streams / fracs
+PARTS: dict[str, Any] = {
+    "StreamMix": lambda d, layout, dynamic, fn: StreamMix(2, d, dynamic=dynamic, layout=layout),
+    "HyperBranch": lambda d, layout, dynamic, fn: HyperBranch(
+        fn, 2, d, dynamic=dynamic, layout=layout
+    ),
+    "MHCMix": lambda d, layout, dynamic, fn: MHCMix(2, d, dynamic=dynamic, layout=layout),
+    "MHCBranch": lambda d, layout, dynamic, fn: MHCBranch(fn, 2, d, dynamic=dynamic, layout=layout),
+    "FracMix": lambda d, layout, dynamic, fn: FracMix(2, d, dynamic=dynamic, layout=layout),
+    "FracBranch": lambda d, layout, dynamic, fn: FracBranch(
+        fn, 2, d, dynamic=dynamic, layout=layout
+    ),
+}
+LAYERS: dict[str, Any] = {  # the blocks a user builds: the shortcut's check speaks first
+    "StreamMix": lambda d, layout, dynamic, fn: hyper_residual(
+        fn, 2, d, dynamic=dynamic, layout=layout
+    ),
+    "MHCMix": lambda d, layout, dynamic, fn: mhc_residual(fn, 2, d, dynamic=dynamic, layout=layout),
+    "FracMix": lambda d, layout, dynamic, fn: frac_residual(
+        fn, 2, d, dynamic=dynamic, layout=layout
+    ),
+}
+
+
+def width_message(name: str, dim: int, layout: str, got: int, shape: tuple, fix: str) -> str:
+    axis = "the last axis" if layout == "channels_last" else "axis 1"
+    return exact(
+        f"{name}: built with dim={dim}, layout={layout!r}: {axis} must be {dim}, got {got} "
+        f"(shape {shape}); build it with {fix}"
+    )
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "static"])
+@pytest.mark.parametrize("name", [*PARTS, *(f"layer-{k}" for k in LAYERS)])
+def test_a_stream_of_the_wrong_width_or_layout_names_dim_and_layout(name: str, dynamic: bool):
+    """Before: an unflatten or bmm error naming neither (dynamic), or a silent run (static)."""
+    make = LAYERS[name[6:]] if name.startswith("layer-") else PARTS[name]
+    caller = name[6:] if name.startswith("layer-") else name
+    # channels last, wrong width: (2 * 3, 5, 4) into dim=8
+    h = torch.randn(2 * 3, 5, 4)
+    with pytest.raises(
+        ResidualError, match=width_message(caller, 8, "channels_last", 4, (6, 5, 4), "dim=4")
+    ):
+        make(8, "channels_last", dynamic, nn.Identity())(h)
+    assert make(4, "channels_last", dynamic, nn.Identity())(h).shape == h.shape  # the fix
+    # a channels-first stream into a channels-last layer, and the other way round
+    img = torch.randn(2 * 3, 8, 4, 6)
+    fix = "layout='channels_first' or dim=6"
+    with pytest.raises(
+        ResidualError, match=width_message(caller, 8, "channels_last", 6, (6, 8, 4, 6), fix)
+    ):
+        make(8, "channels_last", dynamic, nn.Conv2d(8, 8, 1))(img)
+    assert make(8, "channels_first", dynamic, nn.Conv2d(8, 8, 1))(img).shape == img.shape
+    assert make(6, "channels_last", dynamic, nn.Identity())(img).shape == img.shape
+    nhwc = img.permute(0, 2, 3, 1)
+    fix = "layout='channels_last' or dim=4"
+    with pytest.raises(
+        ResidualError, match=width_message(caller, 8, "channels_first", 4, (6, 4, 6, 8), fix)
+    ):
+        make(8, "channels_first", dynamic, nn.Identity())(nhwc)
+    assert make(8, "channels_last", dynamic, nn.Identity())(nhwc).shape == nhwc.shape
+    assert make(4, "channels_first", dynamic, nn.Identity())(nhwc).shape == nhwc.shape
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "static"])
+@pytest.mark.parametrize("name", ["FracMix", "FracBranch", "layer-FracMix"])
+def test_frac_width_that_fracs_does_not_divide_names_a_fracs_that_does(name: str, dynamic: bool):
+    make = LAYERS[name[6:]] if name.startswith("layer-") else PARTS[name]
+    caller = name[6:] if name.startswith("layer-") else name
+    x = torch.randn(3, 9)  # built with dim=8, fracs=2: 9 channels split into no 2 fractions
+    with pytest.raises(
+        ResidualError,
+        match=width_message(caller, 8, "channels_last", 9, (3, 9), "dim=9 and fracs=1"),
+    ):
+        make(8, "channels_last", dynamic, nn.Identity())(x)
+    fixed = FracMix(1, 9, dynamic=dynamic) if "Mix" in name else FracBranch(nn.Identity(), 1, 9)
+    assert fixed(x).shape == x.shape
+    with pytest.raises(
+        ResidualError,
+        match=width_message("FracMix", 8, "channels_last", 6, (3, 6), "dim=6 and fracs=3"),
+    ):
+        FracMix(4, 8, dynamic=dynamic)(torch.randn(3, 6))
+    assert FracMix(3, 6, dynamic=dynamic)(torch.randn(3, 6)).shape == (3, 6)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "static"])
+@pytest.mark.parametrize("name", [k for k in PARTS if not k.startswith("Frac")])
+def test_a_stream_without_a_channel_axis_is_refused(name: str, dynamic: bool, layout: str):
+    rows = torch.randn(6)
+    with pytest.raises(
+        ResidualError,
+        match=exact(
+            f"{name}: built with dim=4, layout={layout!r}: expects a stream tensor (streams * N, "
+            "..., C), got shape (6,); give each row its channels, x.unsqueeze(-1), and build it "
+            "with dim=1"
+        ),
+    ):
+        PARTS[name](4, layout, dynamic, nn.Identity())(rows)
+    fixed = PARTS[name](1, layout, dynamic, nn.Identity())
+    assert fixed(rows.unsqueeze(-1)).shape == (6, 1)
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "static"])
+@pytest.mark.parametrize("name", ["FracMix", "FracBranch"])
+def test_an_unbatched_hidden_state_is_channels_last(name: str, dynamic: bool) -> None:
+    state = torch.randn(6)  # a frac layer reads an unbatched hidden state (d,) channels last
+    assert PARTS[name](6, "channels_last", dynamic, nn.Identity())(state).shape == (6,)
+    with pytest.raises(
+        ResidualError,
+        match=exact(
+            f"{name}: built with dim=6, layout='channels_first': expects a tensor (N, C, ...), "
+            "got shape (6,); build it with layout='channels_last' for one unbatched hidden "
+            "state (C,)"
+        ),
+    ):
+        PARTS[name](6, "channels_first", dynamic, nn.Identity())(state)
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "static"])
+@pytest.mark.parametrize("name", [*PARTS, *(f"layer-{k}" for k in LAYERS)])
+def test_a_stream_of_another_dtype_names_both_and_the_casts(name: str, dynamic: bool) -> None:
+    """Before: torch's "expected m1 and m2 to have the same dtype" or "expected scalar type
+    Float but found BFloat16". Under autocast the mix stays allowed."""
+    make = LAYERS[name[6:]] if name.startswith("layer-") else PARTS[name]
+    caller = name[6:] if name.startswith("layer-") else name
+    layer = make(8, "channels_last", dynamic, nn.Linear(8, 8))
+    h = torch.randn(2 * 3, 8).bfloat16()
+    with pytest.raises(
+        TypeError,
+        match=exact(
+            f"{caller}: a torch.bfloat16 stream into a layer of torch.float32 parameters; cast "
+            "the layer (layer.to(torch.bfloat16)) or the stream (x.to(torch.float32)), or run "
+            "it under torch.autocast"
+        ),
+    ):
+        layer(h)
+    assert layer(h.float()).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(h).shape == h.shape
+    assert layer.to(torch.bfloat16)(h).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "static"])
+@pytest.mark.parametrize("make", [hyper_residual, mhc_residual, frac_residual])
+def test_torch_func_grad_equals_autograd(make: Any, dynamic: bool) -> None:
+    """``torch.func.grad`` over ``functional_call``: the written-out kernels override
+    ``setup_context`` (before: "In order to use an autograd.Function with functorch transforms
+    ... it must override the setup_context staticmethod" for the dynamic layers and mHC)."""
+    block = randomise(make(nn.Linear(4, 4), 2, 4, dynamic=dynamic), seed=11)
+    h = torch.randn(2 * 3, 5, 4, dtype=F64)
+    params = {k: v.detach() for k, v in block.named_parameters()}
+
+    def loss(p: dict[str, Tensor], h: Tensor) -> Tensor:
+        return torch.func.functional_call(block, p, (h,)).square().sum()
+
+    got, got_h = torch.func.grad(loss, argnums=(0, 1))(params, h)
+    h_ = h.clone().requires_grad_()
+    want = torch.autograd.grad(block(h_).square().sum(), [*block.parameters(), h_])
+    for (name, g), w in zip(got.items(), want, strict=False):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-9, msg=name)
+    torch.testing.assert_close(got_h, want[-1], atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "static"])
+@pytest.mark.parametrize("make", [hyper_residual, mhc_residual, frac_residual])
+def test_channels_last_memory_format_is_kept(make: Any, dynamic: bool) -> None:
+    """A channels-first stream stored channels last (``torch.channels_last``, as conv nets run
+    on CPU and GPU) stays so, as through a plain ``Residual``, with the same values. Before: the
+    static hyper-/mHC layers returned it contiguous (their flat ``(n, -1)`` matmul copied it)."""
+    block = randomise(
+        make(nn.Conv2d(4, 4, 3, padding=1), 2, 4, dynamic=dynamic, layout="channels_first"), seed=12
+    )
+    h = torch.randn(2 * 3, 4, 5, 6, dtype=F64)
+    stored = h.to(memory_format=torch.channels_last)
+    out = block(stored)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, block(h), atol=1e-12, rtol=0)
+    stored.requires_grad_()
+    block(stored).sum().backward()
+    assert stored.grad is not None

@@ -36,6 +36,59 @@ def per_stream(h: Tensor, streams: int, caller: str = "hyper-connections") -> Te
     return h.unflatten(0, (streams, -1))
 
 
+def check_channels(
+    x: Tensor, dim: int, layout: Layout, caller: str, like: Tensor, fracs: int = 0
+) -> None:
+    """Raise unless ``x`` holds ``dim`` channels where ``layout`` puts them (the last axis, or
+    axis 1) and has the dtype of ``like`` (a parameter of the layer; any dtype under autocast).
+
+    ``fracs`` > 0: ``x`` is a frac-connection's hidden state, which may be one unbatched
+    ``(C,)``; otherwise a stream tensor ``(streams * N, ..., C)``. An FX leaf.
+    """
+    _check_dtype(x, caller, like)
+    first = layout == "channels_first"
+    lowest = 1 if fracs and not first else 2  # the least rank with a channel axis
+    with _branch.shape_checks():  # reads the rank and the channel axis only (no guard on N)
+        rank = x.dim()
+        fits = rank >= lowest and bool(x.shape[1 if first else -1] == dim)
+    if fits:
+        return
+    with _branch.shape_checks():
+        shape = tuple(int(size) for size in x.shape)
+    built = f"{caller}: built with dim={dim}, layout={layout!r}"
+    if rank < lowest:
+        if fracs:
+            raise ResidualError(
+                f"{built}: expects a tensor (N, C, ...), got shape {shape}; build it with "
+                "layout='channels_last' for one unbatched hidden state (C,)"
+            )
+        raise ResidualError(
+            f"{built}: expects a stream tensor (streams * N, ..., C), got shape {shape}; give "
+            "each row its channels, x.unsqueeze(-1), and build it with dim=1"
+        )
+    got = shape[1 if first else -1]
+    fixes = []
+    if rank > 2 and shape[-1 if first else 1] == dim:  # the other layout fits
+        fixes.append("layout='channels_last'" if first else "layout='channels_first'")
+    if fracs and got % fracs:  # the largest count below fracs that splits the width
+        fixes.append(f"dim={got} and fracs={max(k for k in range(1, fracs) if got % k == 0)}")
+    else:
+        fixes.append(f"dim={got}")
+    raise ResidualError(
+        f"{built}: {'axis 1' if first else 'the last axis'} must be {dim}, got {got} "
+        f"(shape {shape}); build it with {' or '.join(fixes)}"
+    )
+
+
+def _check_dtype(x: Tensor, caller: str, like: Tensor) -> None:
+    if x.dtype != like.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{caller}: a {x.dtype} stream into a layer of {like.dtype} parameters; cast the "
+            f"layer (layer.to({x.dtype})) or the stream (x.to({like.dtype})), or run it under "
+            "torch.autocast"
+        )
+
+
 def check_branch_shape(x: Tensor, out: Tensor, caller: str) -> None:
     """Raise unless the branch kept the stream's shape. An FX leaf."""
     with _branch.shape_checks():
@@ -66,6 +119,24 @@ def native(t: Tensor, layout: Layout, dim: int = 2) -> Tensor:
     return t.movedim(-1, dim) if layout == "channels_first" else t
 
 
+def mix_streams(w: Tensor, s: Tensor, layout: Layout) -> Tensor:
+    """``w @ s.view(n, -1)``: one small matmul over the flat streams ``s`` ``(n, N, ...)``,
+    ``w`` ``(k, n)`` -> ``(k, N, ...)`` or ``(n,)`` -> ``(N, ...)``, in the memory layout of
+    ``s``: a channel-first stream stored channels last (``torch.channels_last``) is read through
+    its contiguous channels-last view, so the result is stored the same way (no copy). An FX
+    leaf: it reads strides.
+
+    >>> import torch
+    >>> w, s = torch.rand(3, 2), torch.randn(2, 4, 5)
+    >>> bool(torch.allclose(mix_streams(w, s, "channels_last"), torch.einsum("ki,inc->knc", w, s)))
+    True
+    """
+    last = channels_last(s, layout)
+    flat = last if last is not s and not s.is_contiguous() and last.is_contiguous() else s
+    out = (w @ flat.reshape(flat.shape[0], -1)).view(*w.shape[:-1], *flat.shape[1:])
+    return native(out, layout, dim=w.dim()) if flat is last and last is not s else out
+
+
 def _normed_matmul(x: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """``layer_norm(x) @ w`` as ``rstd * ((x - mean) @ w)``, with the row statistics (float32
     at least). The centred rows serve both the variance (exact where ``E[x²] - E[x]²`` would
@@ -86,18 +157,31 @@ class _NormedMatmul(torch.autograd.Function):
     backward is layer norm's, folded into one ``(tokens, K+1) @ (K+1, C)`` product and one
     multiply-add, computed in the statistics' dtype (autograd casts the gradients back).
     Measured at 4096 x 256, K = 6, one thread: 0.7 ms forward and 1.8 ms forward + backward
-    against 1.9 ms and 5.7-7.8 ms for ``layer_norm`` then ``matmul``.
+    against 1.9 ms and 5.7-7.8 ms for ``layer_norm`` then ``matmul``. The statistics are extra
+    outputs, not differentiable, so that ``setup_context`` can save them (``torch.func``).
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor, eps: float) -> Tensor:
-        out, mean, rstd = _normed_matmul(x, w, eps)
-        ctx.eps = eps
-        ctx.save_for_backward(x, w, out, mean, rstd)
-        return out
+    def forward(x: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        return _normed_matmul(x, w, eps)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    def setup_context(
+        ctx: Any, inputs: tuple[Tensor, Tensor, float], output: tuple[Tensor, Tensor, Tensor]
+    ) -> None:
+        x, w, eps = inputs
+        out, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.set_materialize_grads(False)
+        ctx.eps = eps
+        ctx.save_for_backward(x, w, out, mean, rstd)
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad: Tensor | None, *_: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, None]:
+        if grad is None:  # no gradient reached the product (the statistics have none)
+            return None, None, None
         x, w, out, mean, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the statistics as functions of x
             out, mean, rstd = _normed_matmul(x, w, ctx.eps)
@@ -129,7 +213,7 @@ def layer_normed_matmul(s: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
     >>> bool(torch.allclose(layer_normed_matmul(s, w), ref @ w, atol=1e-5))
     True
     """
-    out: Tensor = _NormedMatmul.apply(s, weight, eps)
+    out: Tensor = _NormedMatmul.apply(s, weight, eps)[0]
     return out
 
 
@@ -155,8 +239,18 @@ class _TokenMix(_SavesInputs):
     def forward(matrix: Tensor, streams: Tensor) -> Tensor:
         # (i, j, ..., 1), contiguous: tiny, and each coefficient a broadcastable slice
         m = matrix.movedim((-2, -1), (0, 1)).contiguous().unsqueeze(-1)
-        out = torch.empty_like(streams)
         n = streams.shape[0]
+        if torch.compiler.is_exporting():
+            # The exported program runs these ops, and autograd differentiates them where it
+            # runs with grad enabled: no ``out=``, which autograd refuses; the same chains.
+            rows = []
+            for i in range(n):
+                acc = m[i, 0] * streams[0]
+                for j in range(1, n):
+                    acc = acc.addcmul(m[i, j], streams[j])
+                rows.append(acc)
+            return torch.stack(rows)
+        out = torch.empty_like(streams)  # eager (grad off inside a Function): in place
         for i in range(n):
             torch.mul(m[i, 0], streams[0], out=out[i])
             for j in range(1, n):

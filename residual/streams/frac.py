@@ -15,13 +15,22 @@ reduce step, a layer takes and returns ``(N, ..., d)``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
+from residual import _branch
 from residual._types import Layout, check_layout, check_positive_int
 from residual.core import Residual
 from residual.errors import ResidualError
-from residual.streams._fold import channels_last, check_branch_shape, layer_normed_matmul, native
+from residual.streams._fold import (
+    channels_last,
+    check_branch_shape,
+    check_channels,
+    layer_normed_matmul,
+    native,
+)
 
 __all__ = ["FracBranch", "FracMix", "frac_residual"]
 
@@ -64,6 +73,9 @@ def _mixed(mix: Tensor, f: Tensor) -> Tensor:
 class FracBranch(nn.Module):
     """The branch of a frac-connected layer: ``B``-mixed fractions of ``fn(Y``-mixed ``F)``.
 
+    Extra arguments, ``branch(x, *args, **kwargs)``, go to ``fn`` untouched (masks as for the
+    plain hidden state ``(N, ...)``).
+
     >>> import torch
     >>> from torch import nn
     >>> branch = FracBranch(nn.Linear(8, 8), fracs=4, dim=8)
@@ -89,8 +101,12 @@ class FracBranch(nn.Module):
         self.width_dynamic = _FracDynamic(dim // fracs, fracs) if dynamic else None
         self.depth_dynamic = _FracDynamic(dim // fracs, fracs) if dynamic else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if type(args) is not tuple:  # torch.fx.symbolic_trace(branch): *args is one Proxy
+            _branch.check_no_extra_args(args, kwargs)
+            args, kwargs = (), {}
         m = self.fracs
+        check_channels(x, self.dim, self.layout, "FracBranch", self.width, m)
         f = _fractions(x, m, self.layout)
         width: Tensor = self.width
         depth: Tensor = self.depth
@@ -100,7 +116,7 @@ class FracBranch(nn.Module):
             width = width + self.width_dynamic.scale * dyn[..., :m]
             depth = depth + self.depth_dynamic.scale * dyn[..., m:]
         inputs = _merged(_mixed(width, f), self.layout)
-        out = self.fn(inputs)
+        out = self.fn(inputs, *args, **kwargs)
         check_branch_shape(inputs, out, "FracBranch")
         return _merged(_mixed(depth, _fractions(out, m, self.layout)), self.layout)
 
@@ -127,6 +143,7 @@ class FracMix(nn.Module):
         self.dynamic = _FracDynamic(dim // fracs, fracs) if dynamic else None
 
     def forward(self, x: Tensor) -> Tensor:
+        check_channels(x, self.dim, self.layout, "FracMix", self.mix, self.fracs)
         f = _fractions(x, self.fracs, self.layout)
         mix: Tensor = self.mix
         if self.dynamic is not None:
@@ -172,5 +189,5 @@ def frac_residual(
     return Residual(branch, shortcut=mix, post=post, drop_path=drop_path)
 
 
-for _name in ("check_branch_shape", "layer_normed_matmul"):
+for _name in ("check_branch_shape", "check_channels", "layer_normed_matmul"):
     torch.fx.wrap(_name)

@@ -12,9 +12,10 @@ residuals. With the streams ``x = (x_1..x_n)`` of one token (each ``C`` channels
 ``dynamic=False`` keeps the biases only (static, per layer). Init: ``b_pre`` the one-hot of
 stream ``layer_index mod n`` (logits), ``b_post = 0`` (``H_post = 1``), ``b_res = I`` (logits),
 ``a = 0.01``, ``phi = 0``. The shortcut (:class:`MHCMix`) is ``H_res`` alone, so with the
-branch's contribution zero the sum of the streams is kept (the columns of ``H_res`` sum to 1,
-exactly after each Sinkhorn round) and every stream is a convex combination of the input streams
-up to the rows' convergence.
+branch's contribution zero the sum of the streams is kept (the columns of ``H_res`` sum to 1
+after each Sinkhorn round, to rounding) and every stream is a convex combination of the input
+streams up to the rows' convergence. :func:`sinkhorn` computes in float32 at least, so a
+float16 or bfloat16 layer rounds ``H_res`` once, to its own dtype.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from residual import _branch
 from residual._types import Layout, check_layout, check_positive_int
 from residual.core import Residual
 from residual.drop import SampleAxis
@@ -33,6 +35,8 @@ from residual.streams._fold import (
     along_streams,
     channels_last,
     check_branch_shape,
+    check_channels,
+    mix_streams,
     native,
     per_stream,
     stream_spread,
@@ -48,9 +52,16 @@ def sinkhorn(logits: Tensor, iters: int = 20) -> Tensor:
     """Sinkhorn-Knopp over the last two dims: ``exp(logits)``, then rows and columns scaled to
     sum 1, in turn, ``iters`` times (rows first, columns last).
 
-    The result is non-negative; its columns sum to 1 (to rounding) and its rows to within the
-    convergence after ``iters`` rounds. Differentiable once: the backward runs through every
-    round, written out (a gradient of the gradient raises instead).
+    Computed in float32 at least (float64 stays float64) and returned in the input's dtype. The
+    first round runs in the log domain (``logits - logsumexp``), so no row or column of
+    ``exp(logits)`` underflows to zeros: finite logits never give NaN, whatever their size
+    (float16 ``[[20, 0], [20, 0]]`` or float32 logits of 200 would otherwise). After it every
+    row and column sum lies in ``[1/n, n]``, and the later rounds scale in the linear domain.
+
+    The result is non-negative; its columns sum to 1 (to the rounding of the computation and of
+    the cast back to the input's dtype) and its rows to within the convergence after ``iters``
+    rounds. Differentiable once: the backward runs through every round, written out (a
+    gradient of the gradient raises instead).
 
     Raises:
         ResidualError: ``logits`` is not a (batch of) square matrix, or ``iters < 1``.
@@ -59,6 +70,9 @@ def sinkhorn(logits: Tensor, iters: int = 20) -> Tensor:
     >>> m = sinkhorn(torch.randn(4, 4))
     >>> bool(torch.allclose(m.sum(0), torch.ones(4))), bool(torch.allclose(m.sum(1), torch.ones(4)))
     (True, True)
+    >>> sinkhorn(torch.tensor([[20.0, 0.0], [20.0, 0.0]], dtype=torch.float16))
+    tensor([[0.5000, 0.5000],
+            [0.5000, 0.5000]], dtype=torch.float16)
     """
     check_positive_int("sinkhorn", "iters", iters)
     if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
@@ -73,39 +87,58 @@ class _Sinkhorn(torch.autograd.Function):
 
     With the batch of matrices as ``(n, n, ...)`` every row/column sum is a vectorised add of
     contiguous slices (measured ~10x faster than summing ``(..., n, n)``'s inner dims of 4).
-    Each scaling ``y = x / r`` (``r``: sums over rows or columns) gets the backward
+    The first round is in the log domain: ``u = x - logsumexp_rows(x)``, ``v = u -
+    logsumexp_cols(u)``, ``m = exp(v)``; its backward is ``du = m (dm - sum_cols(dm m))`` and
+    ``dx = du - p sum_rows(du)`` with ``p = exp(u)``. Each later scaling ``y = x / r`` (``r``:
+    sums over rows or columns, in ``[1/n, n]`` after the first round) gets the backward
     ``dx = (dy - sum(dy * y)) / r``: 4 kernels, where autograd's chain takes ~7. The forward
-    keeps every step's ``y`` and ``r``, as autograd would. Once differentiable.
+    keeps ``p`` and every step's ``y`` and ``r``, as autograd would: extra outputs, not
+    differentiable, so that ``setup_context`` can save them (``torch.func``); the last ``y`` is
+    the result itself. Once differentiable.
     """
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, iters: int) -> Tensor:
+    def forward(logits: Tensor, iters: int) -> tuple[Tensor, ...]:
         first = logits.movedim((-2, -1), (0, 1)).contiguous()  # (n, n, ...): row i, column j
-        # A row's constant shift cancels in the first row scaling: the max out keeps exp finite.
-        m = torch.exp(first - first.amax(1, keepdim=True))
-        saved = [m]
-        for _ in range(iters):
+        rows = first - first.logsumexp(1, keepdim=True)
+        m = torch.exp(rows - rows.logsumexp(0, keepdim=True))
+        ys, rs = [m], []
+        for _ in range(iters - 1):
             for dim in (1, 0):  # rows, then columns
                 r = m.sum(dim, keepdim=True)
                 m = m / r
-                saved += [m, r]
-        ctx.save_for_backward(*saved)
-        return m.movedim((0, 1), (-2, -1))
+                ys.append(m)
+                rs.append(r)
+        return (m.movedim((0, 1), (-2, -1)), torch.exp(rows), *ys[:-1], *rs)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, int], output: tuple[Tensor, ...]) -> None:
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*output)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        m, *saved = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor | None, *_: Tensor | None) -> tuple[Tensor | None, None]:
+        if grad is None:  # no gradient reached the result (the other outputs have none)
+            return None, None
+        out, p, *saved = ctx.saved_tensors
+        steps = len(saved) // 2  # the scalings after the first round
+        ys = [*saved[:steps], out.movedim((-2, -1), (0, 1))]  # m after round 1, then each y
         g = grad.movedim((-2, -1), (0, 1)).contiguous()
-        for k in reversed(range(len(saved) // 2)):
-            y, r = saved[2 * k], saved[2 * k + 1]
-            g = (g - (g * y).sum(1 - k % 2, keepdim=True)) / r
-        return (g * m).movedim((0, 1), (-2, -1)), None
+        for k in reversed(range(steps)):
+            g = (g - (g * ys[k + 1]).sum(1 - k % 2, keepdim=True)) / saved[steps + k]
+        m = ys[0]
+        g = m * (g - (g * m).sum(0, keepdim=True))  # through the first column step
+        g = g - p * g.sum(1, keepdim=True)  # through the first row step
+        return g.movedim((0, 1), (-2, -1)), None
 
 
 def _sinkhorn(logits: Tensor, iters: int) -> Tensor:
-    out: Tensor = _Sinkhorn.apply(logits, iters)
-    return out
+    """:class:`_Sinkhorn` in float32 at least, cast back to the logits' dtype. An FX leaf."""
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    out: Tensor = _Sinkhorn.apply(wide, iters)[0]
+    return out.to(logits.dtype)
 
 
 def _rms_projection(last: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -126,18 +159,31 @@ class _RmsProjection(torch.autograd.Function):
     applied after the matmul (a scalar per token), so no normalised copy is written; the
     backward folds the norm's term into one multiply-add on the matmul's input gradient
     (autograd would write a second stream-sized gradient for it), computed in the norm's dtype
-    (autograd casts the gradients back).
+    (autograd casts the gradients back). The rsqrt is an extra output, not differentiable, so
+    that ``setup_context`` can save it (``torch.func``).
     """
 
     @staticmethod
-    def forward(ctx: Any, last: Tensor, weight: Tensor, eps: float) -> Tensor:
-        out, rstd = _rms_projection(last, weight, eps)
-        ctx.eps = eps
-        ctx.save_for_backward(last, weight, out, rstd)
-        return out
+    def forward(last: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        return _rms_projection(last, weight, eps)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    def setup_context(
+        ctx: Any, inputs: tuple[Tensor, Tensor, float], output: tuple[Tensor, Tensor]
+    ) -> None:
+        last, weight, eps = inputs
+        out, rstd = output
+        ctx.mark_non_differentiable(rstd)
+        ctx.set_materialize_grads(False)
+        ctx.eps = eps
+        ctx.save_for_backward(last, weight, out, rstd)
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad: Tensor | None, _: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, None]:
+        if grad is None:  # no gradient reached the projection (the rsqrt has none)
+            return None, None, None
         last, weight, out, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the norm as a function of the streams
             out, rstd = _rms_projection(last, weight, ctx.eps)
@@ -158,7 +204,7 @@ class _RmsProjection(torch.autograd.Function):
 def _flat_rms_projection(last: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """``RMSNorm(vec(x)) @ phi`` per token: ``last`` ``(n, N, ..., C)``, ``weight`` ``(n, C, K)``.
     Returns ``(N, ..., K)`` (see :class:`_RmsProjection`)."""
-    out: Tensor = _RmsProjection.apply(last, weight, eps)
+    out: Tensor = _RmsProjection.apply(last, weight, eps)[0]
     return out
 
 
@@ -171,7 +217,9 @@ class MHCBranch(nn.Module):
     """The branch of an mHC layer: ``H_post(x)[i] * fn(sum_j H_pre(x)[j] x_j)`` to stream i.
 
     Args:
-        fn: the layer, called on one stream-sized tensor ``(N, ...)`` (it must keep the shape).
+        fn: the layer, called on one stream-sized tensor ``(N, ...)`` (it must keep the shape),
+            with the extra arguments of ``branch(h, *args, **kwargs)`` untouched (masks are
+            per sample, for that ``(N, ...)`` input).
         streams: n; dim: channels per stream; dynamic: input-dependent ``H_pre``/``H_post``;
         layer_index: the stream ``b_pre`` favours at init (``layer_index mod n``);
         layout: where the channels are.
@@ -211,12 +259,16 @@ class MHCBranch(nn.Module):
             self.pre_scale = nn.Parameter(torch.tensor(0.01))
             self.post_scale = nn.Parameter(torch.tensor(0.01))
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if type(args) is not tuple:  # torch.fx.symbolic_trace(branch): *args is one Proxy
+            _branch.check_no_extra_args(args, kwargs)
+            args, kwargs = (), {}
         n = self.streams
+        check_channels(h, self.dim, self.layout, "MHCBranch", self.pre_bias)
         s = per_stream(h, n, "MHCBranch")  # (n, N, ...) in the input's layout
         if self.weight is None or self.pre_scale is None or self.post_scale is None:
             pre = torch.sigmoid(self.pre_bias)
-            x = (pre @ s.reshape(n, -1)).view(s.shape[1:])
+            x = mix_streams(pre, s, self.layout)
             post = along_streams(2 * torch.sigmoid(self.post_bias), s)
         else:
             last = channels_last(s, self.layout)
@@ -225,7 +277,7 @@ class MHCBranch(nn.Module):
             post = 2 * torch.sigmoid(self.post_scale * proj[..., n:] + self.post_bias)
             x = stream_sum(_stream_first(pre, self.layout), s)
             post = _stream_first(post, self.layout)
-        out = self.fn(x)
+        out = self.fn(x, *args, **kwargs)
         check_branch_shape(x, out, "MHCBranch")
         return stream_spread(post, out).flatten(0, 1)
 
@@ -276,6 +328,7 @@ class MHCMix(nn.Module):
             return _sinkhorn(self.res_bias, self.sinkhorn_iters)
         if h is None:
             raise ResidualError("MHCMix.matrix: a dynamic H_res depends on the streams; pass h")
+        check_channels(h, self.dim, self.layout, "MHCMix", self.res_bias)
         last = channels_last(per_stream(h, self.streams, "MHCMix"), self.layout)
         return self._dynamic_matrix(last, self.weight, self.res_scale)
 
@@ -285,9 +338,11 @@ class MHCMix(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         n = self.streams
+        check_channels(h, self.dim, self.layout, "MHCMix", self.res_bias)
         s = per_stream(h, n, "MHCMix")
         if self.weight is None or self.res_scale is None:
-            return (_sinkhorn(self.res_bias, self.sinkhorn_iters) @ s.reshape(n, -1)).view(h.shape)
+            res = _sinkhorn(self.res_bias, self.sinkhorn_iters)
+            return mix_streams(res, s, self.layout).flatten(0, 1)
         last = channels_last(s, self.layout)
         mix = self._dynamic_matrix(last, self.weight, self.res_scale)  # (N, ..., n, n)
         mixed = token_mix(mix, last)
@@ -349,7 +404,10 @@ def mhc_residual(
 for _name in (
     "along_streams",
     "check_branch_shape",
+    "check_channels",
     "_flat_rms_projection",
+    "_sinkhorn",
+    "mix_streams",
     "stream_spread",
     "stream_sum",
     "token_mix",
