@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from residual import _branch
 from residual.core import Residual
+from residual.drop import SampleAxis
 from residual.errors import ResidualError, check_module
 
 __all__ = ["ResiDualBranch", "ResiDualNorm", "ResiDualOutput", "resi_dual_residual"]
@@ -129,7 +130,8 @@ def resi_dual_residual(fn: nn.Module, dim: int, *, norm: nn.Module | None = None
     torch.Size([6, 4])
     """
     post = ResiDualNorm(nn.LayerNorm(dim) if norm is None else norm)
-    return Residual(ResiDualBranch(fn), post=post)
+    # the stream pair: stochastic depth keeps or drops a sample's two streams together
+    return Residual(ResiDualBranch(fn), post=post, sample_axis=SampleAxis(streams=2))
 
 
 torch.fx.wrap("_check_pair")

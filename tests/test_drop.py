@@ -1050,3 +1050,21 @@ def test_fx_refuses_a_training_skip_and_names_the_fixes(mode: str) -> None:
     traced = torch.fx.symbolic_trace(block.eval())  # the fix: trace for inference
     x = torch.randn(3, 4)
     assert torch.equal(traced(x), x + block.fn(x))
+
+
+@pytest.mark.parametrize("mode", ["row", "subset"])
+def test_resi_dual_keeps_or_drops_a_samples_two_streams_together(mode: str) -> None:
+    from residual.hyper import expand_streams
+    from residual.resi_dual import resi_dual_residual
+
+    layer = resi_dual_residual(nn.Linear(8, 8), 8)
+    layer.set_drop_path(0.5, drop_mode=mode)
+    layer.post = None  # compare the merge itself: x + drop(F(x_a)) on both streams
+    h = expand_streams(torch.randn(32, 8), 2) + 0.1 * torch.randn(64, 8)
+    delta = layer(h) - h
+    branch = layer.fn(h)
+    _whole_samples(
+        delta.unflatten(0, (2, 32)).transpose(0, 1),
+        2 * branch.unflatten(0, (2, 32)).transpose(0, 1),
+        0,
+    )
