@@ -2,36 +2,44 @@
 
 A Hypothesis-driven differential test. Each example draws one :class:`Config` across the option
 space (variant: hyper-connections / mHC / frac-connections, static or dynamic, n = 1..4 streams
-or fractions; LAuReL RW / LR / RW+LR / PA, DenseFormer, value residual, ResiDual; layout and
-branch: channels-last linear or padding-masked attention, channels-first 1x1 / 3x3 convolution;
-1-3 layers; drop mode, rate 0 / 0.5 / 1 and ``scale_by_keep``; checkpointing; float64, float32,
+or fractions, connection logits moderate or "sharp" as after training; LAuReL RW / LR / RW+LR /
+PA, DenseFormer, value residual, ResiDual; layout and branch: channels-last linear or attention
+with a padding mask passed as an extra argument, channels-first 1x1 / 3x3 convolution; 1-3
+layers; drop mode, rate 0 / 0.5 / 1 and ``scale_by_keep``; checkpointing; float64, float32,
 bfloat16, float16; execution: eager, ``torch.fx.symbolic_trace``, meta -> ``to_empty`` -> load,
-deepcopy, pickle), builds the model through the public builders (:func:`build`) and compares it
-with the float64 references of ``tests/oracle_streams.py`` (:func:`reference`), which import
-nothing from ``residual``:
+deepcopy, pickle; train or eval), builds the model through the public builders (:func:`build`)
+and compares it with the float64 references of ``tests/oracle_streams.py``, which import nothing
+from ``residual`` (:func:`reference` maps the parameters onto them):
 
-* eval: outputs (the stream tensor and its reduction) and every gradient, to dtype tolerance;
-* training: each SAMPLE's keep decisions are read off the output: every stream of a sample must
-  equal, all at once, the oracle with one keep bit per residual (a sample whose streams take
-  different decisions fails, as does one that matches no decision); the decisions must fit the
-  mode (none at rate 0, all at rate 1, the same for every sample in "batch", exactly
-  ``max(1, int(N (1 - p)))`` samples in "subset"); the decisions are then replayed in the oracle
-  and outputs and gradients compared; then an eval pass must match the eval oracle;
-* bfloat16 / float16: outputs and gradients finite and within a loose tolerance;
-* combinations the library documents as refused (``drop_mode="subset"`` with extra arguments,
-  "batch" / "subset" with tuple outputs) must raise an error that names the fix.
+* eval: outputs (the stream tensor and its reduction) and the gradients of the input and every
+  parameter, to dtype tolerance (:data:`TOLERANCE`);
+* training: each SAMPLE's keep decisions are read off the output (:func:`infer_decisions`):
+  every stream of a sample must equal, all at once, the oracle with one keep bit per residual
+  (a sample whose streams take different decisions fails, as does one that matches none); the
+  decisions must fit the mode (all kept at rate 0, none at rate 1, one decision for the whole
+  batch in "batch", exactly ``max(1, int(N (1 - p)))`` samples in "subset"); they are then
+  replayed in the oracle and outputs and gradients compared; an eval pass after the training
+  pass must match the eval oracle;
+* bfloat16 / float16: outputs within a loose tolerance (training at rate 0.5: finite only),
+  gradients finite;
+* combinations the library documents as refused (:func:`refusal`: ``drop_mode="subset"`` with
+  extra arguments, "batch" / "subset" with tuple outputs) must raise an error naming the fix.
 
-``torch.export`` and ``torch.compile`` run on a few fixed parametrised cases
-(:data:`COMPILED`), compiling being slow.
+:data:`FIXED` holds the smallest configuration found for each seam so far and the
+``torch.export`` / ``torch.compile`` cases (compiling is too slow to draw).
 
 Profiles (environment variable ``SEAMS_PROFILE``):
 
-* ``ci`` (default): Hypothesis profile ``seams-streams-ci``, 150 derandomized examples; the whole
-  file takes about a minute on 2 cores.
+* ``ci`` (default): Hypothesis profile ``seams-streams-ci``, 150 derandomized examples. The whole
+  file: about 30 s of CPU time on one thread (measured 27 s user + 2 s sys; 64 s wall on a
+  loaded 2-core machine), most of it compiling the :data:`FIXED` cases.
 * ``long``: profile ``seams-streams-long``, 2500 random examples, for a deeper run:
   ``SEAMS_PROFILE=long python -m pytest tests/test_seams_streams.py``.
 
-A failing example prints as ``Config(...)``; ``check(Config(...))`` reruns it alone.
+A failing example prints as ``Config(...)``; ``check(Config(...))`` reruns it alone. Hypothesis
+stops at the first failure kinds it meets; to list them all, ``PYTHONPATH=. python
+tests/test_seams_streams.py 2000`` runs 2000 drawn configurations without stopping or shrinking
+and prints each kind of failure with its smallest configuration (:func:`catalogue`).
 """
 
 from __future__ import annotations
@@ -91,11 +99,15 @@ DEPTH_VARIANTS = (
     "value_residual",
     "resi_dual",
 )
-TOLERANCE = {  # of outputs, relative to max(1, max |reference|); gradients: 10x (half: finite)
-    torch.float64: 1e-9,
-    torch.float32: 2e-5,
-    torch.bfloat16: 8e-2,
-    torch.float16: 1e-2,
+# Relative to max(1, max |reference|): (outputs, gradients). Each is a few times what the same
+# formula computed plainly in that dtype gives on the worst drawn configurations (measured: f32
+# up to 1e-5 / 1e-3 with sharp connections; bf16 10% and f16 0.1% on outputs). Half types:
+# gradients only finite.
+TOLERANCE: dict[torch.dtype, tuple[float, float | None]] = {
+    torch.float64: (1e-9, 1e-8),
+    torch.float32: (1e-4, 5e-3),
+    torch.bfloat16: (0.25, None),
+    torch.float16: (0.03, None),
 }
 
 
@@ -136,6 +148,7 @@ class Config:
 
     @property
     def drops(self) -> bool:
+        """Whether stochastic depth draws: training at a rate above 0."""
         return self.training and self.drop_rate > 0
 
 
@@ -691,7 +704,7 @@ def compare(cfg: Config) -> None:
     model = model.to(cfg.dtype).train(cfg.training)
     x64, mask, cotangent = inputs(cfg)
     x = x64.to(cfg.dtype).requires_grad_()
-    tol = TOLERANCE[cfg.dtype]
+    tol, grad_tol = TOLERANCE[cfg.dtype]
     params64 = {k: v.detach().double().requires_grad_() for k, v in model.named_parameters()}
     x_ref = x.detach().double().requires_grad_()
 
@@ -703,15 +716,23 @@ def compare(cfg: Config) -> None:
     if not bool(torch.isfinite(streams).all() and torch.isfinite(out).all()):
         raise NotFinite(f"output has {int((~torch.isfinite(out)).sum())} non-finite values")
 
-    # The keep decisions: all kept in eval or at rate 0, none at rate 1, else read off.
+    # The keep decisions: all kept in eval or at rate 0, none at rate 1, else read off (not in
+    # half precision, where a kept branch may be within rounding of a dropped one).
     N = cfg.batch
     if not cfg.drops:
         bits = torch.ones(N, cfg.residuals)
     elif cfg.drop_rate == 1.0:
         bits = torch.zeros(N, cfg.residuals)
+    elif grad_tol is None:
+        bits = None
     else:
         bits = infer_decisions(cfg, streams.detach(), oracle_with, 2 * tol)
         check_decisions(cfg, bits)
+    if bits is None:
+        grads = torch.autograd.grad(out.sum(), x)
+        if not bool(torch.isfinite(grads[0]).all()):
+            raise NotFinite("gradient of input is not finite")
+        return
     keeps = [bits[:, r].double() * multiplier(cfg) for r in range(cfg.residuals)]
 
     want_streams, want_out = reference(cfg, spec, paths, params64, x_ref, mask, keeps)
@@ -742,8 +763,9 @@ def compare(cfg: Config) -> None:
         got_g = got_grads.get(name, torch.zeros_like(want_g))
         if not bool(torch.isfinite(got_g).all()):
             raise NotFinite(f"gradient of {name} is not finite")
-        exact = cfg.dtype in (torch.float64, torch.float32)  # half types: finite is all we ask
-        if exact and not bool(close(got_g.reshape(1, -1), want_g.reshape(1, -1), 10 * tol).all()):
+        if grad_tol is not None and not bool(
+            close(got_g.reshape(1, -1), want_g.reshape(1, -1), grad_tol).all()
+        ):
             raise GradientMismatch(f"gradient of {name}: {describe(got_g, want_g)}")
 
     if cfg.training and cfg.execution != "fx":  # a trace keeps the mode it was traced in
@@ -816,3 +838,31 @@ FIXED = {
 @pytest.mark.parametrize("cfg", list(FIXED.values()), ids=list(FIXED))
 def test_fixed_configurations_match_the_oracle(cfg: Config) -> None:
     check(cfg)
+
+
+def catalogue(examples: int) -> dict[str, list[Config]]:
+    """Run ``examples`` drawn configurations without stopping or shrinking; the failures grouped
+    by kind and message (numbers masked), each group's configurations in draw order."""
+    from hypothesis import Phase
+
+    groups: dict[str, list[Config]] = {}
+
+    @settings(max_examples=examples, phases=[Phase.generate], database=None, deadline=None)
+    @given(cfg=configs())
+    def run(cfg: Config) -> None:
+        try:
+            check(cfg)
+        except SeamFailure as failure:
+            kind = f"{type(failure).__name__}: {re.sub(r'[-0-9.e+]*[0-9]', '#', str(failure))}"
+            groups.setdefault(kind[:200], []).append(cfg)
+
+    run()
+    return groups
+
+
+if __name__ == "__main__":  # python tests/test_seams_streams.py [EXAMPLES]: the failure kinds
+    import sys
+
+    for kind, found in sorted(catalogue(int(sys.argv[1:2][0]) if sys.argv[1:] else 500).items()):
+        smallest = min(found, key=lambda c: (c.layers, c.streams, c.batch, c.execution, c.seed))
+        print(f"{len(found):5d}  {kind}\n       e.g. {smallest}")
