@@ -573,6 +573,8 @@ def refusal(cfg: Config) -> str | None:
         return None
     if cfg.variant == "value_residual":  # "batch" / "subset" need a tensor output
         return "drop_mode='row'"
+    if cfg.execution == "fx" and cfg.training:  # a run-time skip is not recordable by FX
+        return "torch.fx.symbolic_trace cannot record"
     if cfg.branch == "attention" and cfg.drop_mode == "subset":  # per-sample extra arguments
         return "drop_mode='row' or 'batch'"
     return None
@@ -818,7 +820,7 @@ FIXED = {
         "value_residual", drop_mode="batch", drop_rate=1.0, training=True, batch=2
     ),
     "value-residual-batch-drop-half": dropping("value_residual", drop_mode="batch"),
-    # FX traces training-mode "batch" / "subset" stochastic depth.
+    # FX traces training-mode "batch" / "subset" stochastic depth: a refusal naming the fixes.
     "fx-train-batch-drop": dropping("frac", drop_mode="batch", execution="fx"),
     "fx-train-subset-drop": dropping("frac", drop_mode="subset", execution="fx"),
     # torch.export outside no_grad (item 9), torch.compile, checkpointing under compile (item 9).
