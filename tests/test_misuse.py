@@ -304,15 +304,17 @@ CATALOGUE: list[Misuse] = [
         "a gate whose channels differ from the stream's",
         lambda: Residual(nn.Identity(), merge=HighwayGate(8))(torch.randn(2, 6)),
         ResidualError,
-        r"^HighwayGate: built for 8 channels \(channels_last\), got a branch output of shape "
-        r"\(2, 6\); build it with dim=6 or fix the layout$",
+        r"^HighwayGate: built for 8 channels \(layout not set: read as channels_last\), got a "
+        r"branch output of shape \(2, 6\); if its channels are last \(\.\.\., C\), build it as "
+        r"HighwayGate\(6, layout='channels_last'\)$",
     ),
     Misuse(
         "layerscale-layout",
-        "LayerScale on a channel-first tensor, built channel-last",
+        "LayerScale on a channel-first tensor its block cannot read the layout of",
         lambda: Residual(nn.Identity(), merge=LayerScale(4))(torch.randn(2, 4, 3, 3)),
         ResidualError,
-        "build it with dim=3 or fix the layout",
+        r"if its channels are at dim 1 \(N, C, \*spatial: a conv branch\), build it as "
+        r"LayerScale\(4, layout='channels_first'\); if its channels are last",
     ),
     Misuse(
         "merge-no-channel-dim",
