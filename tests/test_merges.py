@@ -383,7 +383,9 @@ def test_an_unreadable_channels_first_branch_gets_both_fixes_and_the_layout_one_
     # both readings, each with the constructor that fits it
     assert _suggested(message, "LayerScale", "channels_first") == "4"
     assert _suggested(message, "LayerScale", "channels_last") == "5"
-    merge = LayerScale(int(_suggested(message, "LayerScale", "channels_first")), layout="channels_first")
+    merge = LayerScale(
+        int(_suggested(message, "LayerScale", "channels_first")), layout="channels_first"
+    )
     gamma = _set_gamma(merge, 4)
     torch.testing.assert_close(Residual(fn, merge=merge)(x), x + gamma.view(1, 4, 1, 1) * fn(x))
 
@@ -447,3 +449,17 @@ def test_a_merge_runs_under_bfloat16_autocast(index) -> None:
         out = block(x)
     assert out.dtype == torch.float32  # the float32 stream plus a bfloat16 branch
     torch.testing.assert_close(out, block(x), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("merge", [LayerScale, HighwayGate, GRUGate])
+def test_a_merge_that_followed_the_branch_traces_with_fx_export_and_compile(merge) -> None:
+    """einops' Rearrange does not FX-trace on its own, so FX gets the plain conv branch."""
+    x = torch.randn(2, C, 5, C)
+    conv = Residual(nn.Sequential(nn.Conv2d(C, C, 3, padding=1), nn.GELU()), merge=merge(C))
+    torch.testing.assert_close(torch.fx.symbolic_trace(conv)(x), conv(x), atol=0, rtol=0)
+    block = Residual(_convnext_branch(C), merge=merge(C), drop_path=0.1).eval()
+    expected = block(x)
+    exported = torch.export.export(block, (x,)).module()
+    torch.testing.assert_close(exported(x), expected, atol=1e-6, rtol=1e-6)
+    compiled = torch.compile(block, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), expected, atol=1e-6, rtol=1e-6)

@@ -775,3 +775,36 @@ def test_an_input_of_another_rank_names_spatial_dims(
         CHANNEL_SHORTCUTS[cls](4, 8)(torch.zeros(shape))
     if fix:
         assert CHANNEL_SHORTCUTS[cls](4, 8, spatial_dims=fix)(torch.zeros(shape)).shape[1] == 8
+
+
+# --- 10. the new paths stay traceable ----------------------------------------------------------
+
+TRACED: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "stride-per-dim-projection": (
+        lambda: Residual(nn.Conv2d(4, 8, 3, stride=(2, 1), padding=1), shortcut="projection"),
+        (2, 4, 7, 6),
+    ),
+    "stride-per-dim-zero-pad": (
+        lambda: Residual(nn.Conv2d(4, 8, 3, stride=(1, 2), padding=1), shortcut="zero_pad"),
+        (2, 4, 7, 6),
+    ),
+    "unbatched-pooled": (
+        lambda: Residual(nn.Conv2d(4, 8, 3, stride=2, padding=1), shortcut="pooled_projection"),
+        (4, 7, 6),
+    ),
+    "unbatched-linear": (lambda: Residual(nn.Linear(4, 8), shortcut="projection"), (4,)),
+}
+
+
+@pytest.mark.parametrize("case", TRACED)
+def test_the_new_paths_trace_with_fx_export_and_compile(case: str) -> None:
+    make, shape = TRACED[case]
+    block = randomize(make())
+    x = seeded(*shape)
+    expected = block(x)
+    traced = torch.fx.symbolic_trace(block)
+    torch.testing.assert_close(traced(x), expected, atol=0, rtol=0)
+    exported = torch.export.export(block, (x,)).module()
+    torch.testing.assert_close(exported(x), expected, atol=1e-6, rtol=1e-6)
+    compiled = torch.compile(block, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), expected, atol=1e-6, rtol=1e-6)
