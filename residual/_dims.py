@@ -7,9 +7,9 @@ layer (Linear, Conv, pool, norm, activation, dropout, an RNN on its own, an eino
 ``Rearrange`` that moves the channel axis between dim 1 and the last dim), an ``nn.Sequential``
 of readable modules (in call order), or a residual block (its ``pre`` then its ``fn``) is
 readable; anything else (a custom ``forward``) is not, and the caller asks for the dimensions
-instead of guessing. A conv or pool counts only when its output size is ``ceil(H / stride)``
-for every input size in every spatial dim, what a strided shortcut gives; its stride may differ
-from dim to dim (``stride=(2, 1)``).
+instead of guessing. A conv or pool gives a stride only when its output size is
+``ceil(H / stride)`` for every input size in every spatial dim, what a strided shortcut gives;
+its stride may differ from dim to dim (``stride=(2, 1)``). Its layout is read either way.
 
 The layout is tracked along the chain: a conv or pool needs channels first, a Linear channels
 last, a ``Rearrange("n c h w -> n h w c")`` switches from the one to the other; a chain that
@@ -87,13 +87,14 @@ class _Step:
     """One readable module (or a chain of them).
 
     Channels in and out (None: keeps them), the stride per spatial dim (``()``: keeps every
-    size), the number of spatial dims it fixes (0: none), the layout it needs on its input and
-    the one it leaves (None: any, as it came).
+    size; None: changes sizes in a way no stride gives, an unpadded conv), the number of
+    spatial dims it fixes (0: none), the layout it needs on its input and the one it leaves
+    (None: any, as it came).
     """
 
     in_channels: int | None
     out_channels: int | None
-    stride: tuple[int, ...]
+    stride: tuple[int, ...] | None
     spatial_dims: int
     needs: Layout | None = None
     leaves: Layout | None = None
@@ -151,14 +152,10 @@ def _step(m: nn.Module) -> _Step | None:
     if isinstance(m, _CONVS):
         n = len(m.kernel_size)
         stride = _read_stride(m, n, ceil=False)
-        if stride is None:
-            return None
         return _Step(m.in_channels, m.out_channels, stride, n, "channels_first", "channels_first")
     if isinstance(m, _POOLS):
         n = {"1d": 1, "2d": 2, "3d": 3}[type(m).__name__[-2:]]
         stride = _read_stride(m, n, ceil=bool(m.ceil_mode))
-        if stride is None:
-            return None
         return _Step(None, None, stride, n, "channels_first", "channels_first")
     if isinstance(m, _KEEP_CHANNELS):
         return _Step(None, None, (), 0)
@@ -174,7 +171,7 @@ def _chain(modules: list[nn.Module]) -> _Step | None:
     """Compose readable modules called one after the other; None if any is not readable."""
     c_in: int | None = None
     c_out: int | None = None
-    stride: tuple[int, ...] = ()
+    stride: tuple[int, ...] | None = ()
     spatial = 0
     needs: Layout | None = None  # the layout the chain's input must have
     current: Layout | None = None  # the layout of the tensor between two steps, once known
@@ -197,7 +194,9 @@ def _chain(modules: list[nn.Module]) -> _Step | None:
             if spatial and spatial != step.spatial_dims:
                 return None  # a 1-D layer after a 2-D one: the branch would fail anyway
             spatial = step.spatial_dims
-        if step.stride:
+        if step.stride is None or stride is None:
+            stride = None  # the layout is still read: a merge can follow it
+        elif step.stride:
             pairs = zip(stride or (1,) * len(step.stride), step.stride, strict=True)
             stride = tuple(a * b for a, b in pairs)  # ceil(ceil(H / a) / b) = ceil(H / ab)
     return _Step(c_in, c_out, stride, spatial, needs, current)
@@ -219,6 +218,8 @@ def read_branch_dims(fn: nn.Module) -> BranchDims | None:
     """
     step = _read(fn)
     if step is None or step.in_channels is None or step.out_channels is None:
+        return None
+    if step.stride is None:
         return None
     if step.needs is None or step.needs != step.leaves:
         return None

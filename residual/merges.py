@@ -22,6 +22,15 @@ from residual._dims import read_branch_dims, read_branch_layout
 from residual._types import LAYOUTS, Layout, check_layout, check_positive_int
 from residual.errors import ResidualError
 
+_CHANNELS_FIRST = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
 __all__ = [
     "Add",
     "DeepNormScales",
@@ -206,10 +215,11 @@ class LayerScale(_PerChannelMerge):
             that reading is certain (a conv, pool or Linear, an ``nn.Sequential`` of readable
             layers, einops ``Rearrange`` between them, a nested residual block), else to the
             layout its shortcut declares (``ProjectionShortcut(..., layout=...)``). Where
-            neither is known it stays None and the merge reads channels last (..., C); a shape
-            that does not fit raises, naming the constructor for each reading. Give
-            ``layout="channels_first"`` for a conv branch with a custom ``forward``: with a
-            width equal to ``dim`` it would otherwise scale the width.
+            neither is known, a branch that holds convolutions (a conv block with a custom
+            ``forward``) is refused when the block is built, asking for the layout: with a
+            width equal to ``dim``, no shape could tell the width from the channels. Any other
+            branch reads channels last (..., C), and a shape that does not fit raises when
+            called, naming the constructor for each reading.
 
     ``gamma`` is cast to the stream's dtype (a float32 ``gamma`` on a bfloat16 stream gives a
     bfloat16 output, as the plain add).
@@ -328,7 +338,9 @@ def check_merge_fits(
     """Set a per-channel merge's layout from the block, and raise if it cannot fit.
 
     A :class:`_PerChannelMerge` built with ``layout=None`` takes the layout of the branch's
-    output where it can be read for certain, else the one the shortcut declares. Any merge
+    output where it can be read for certain, else the one the shortcut declares; neither known,
+    a branch that holds convolutions is refused (its output is likely channels first, and a
+    width equal to ``dim`` would hide the mismatch), the rest read channels last. Any merge
     that declares an int ``dim`` (and a ``layout``) must then agree with the branch's output
     channels and layout where those are certain; otherwise it checks the shapes it gets when
     called.
@@ -339,9 +351,17 @@ def check_merge_fits(
     declared = getattr(shortcut, "layout", None)
     if known is None and declared in LAYOUTS:
         known = declared
-    if isinstance(merge, _PerChannelMerge) and layout is None and known is not None:
-        merge.layout = layout = known
     name = type(merge).__name__
+    if isinstance(merge, _PerChannelMerge) and layout is None:
+        if known is None and any(isinstance(m, _CHANNELS_FIRST) for m in branch.modules()):
+            raise ResidualError(
+                f"Residual: merge {name}({merge.dim}) has no layout, and the branch "
+                f"{type(branch).__name__} holds convolutions but its output layout cannot be "
+                f"read (a custom forward); build it with {name}({merge.dim}, "
+                "layout='channels_first') for (N, C, *spatial) outputs, or "
+                f"{name}({merge.dim}, layout='channels_last') for (..., C)"
+            )
+        merge.layout = layout = known
     if isinstance(dim, int) and known is not None and layout is not None and layout != known:
         channels = dims.out_channels if dims is not None else dim
         source = (

@@ -293,8 +293,10 @@ C = 6  # the branches below see (N, C, H, W) inputs whose W == C: the silently w
         lambda: nn.Sequential(nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C), nn.ReLU()),
         lambda: Residual(nn.Conv2d(C, C, 3, padding=1)),  # a nested residual block
         lambda: _convnext_branch(C),
+        # sizes kept by two even kernels: no stride can be read, the layout still is
+        lambda: nn.Sequential(nn.Conv2d(C, C, 2, padding=1), nn.Conv2d(C, C, 2)),
     ],
-    ids=["conv", "sequential", "nested-residual", "convnext"],
+    ids=["conv", "sequential", "nested-residual", "convnext", "even-kernels"],
 )
 def test_layerscale_follows_a_channels_first_branch_when_w_equals_c(make) -> None:
     fn = make().eval()
@@ -371,8 +373,39 @@ def _suggested(message: str, caller: str, layout: str) -> str:
     return found.group(1)
 
 
-def test_an_unreadable_channels_first_branch_gets_both_fixes_and_the_layout_one_works() -> None:
-    fn = OpaqueConv(4)
+@pytest.mark.parametrize("merge", [LayerScale, HighwayGate, GRUGate])
+def test_an_opaque_branch_with_convs_asks_for_the_layout_at_build(merge) -> None:
+    """W == C: nothing at call time could tell the width from the channels; the block asks."""
+    name = merge.__name__
+    fn = OpaqueConv(C)
+    with pytest.raises(ResidualError) as error:
+        Residual(fn, merge=merge(C))
+    message = str(error.value)
+    assert message == (
+        f"Residual: merge {name}({C}) has no layout, and the branch OpaqueConv holds "
+        "convolutions but its output layout cannot be read (a custom forward); build it with "
+        f"{name}({C}, layout='channels_first') for (N, C, *spatial) outputs, or "
+        f"{name}({C}, layout='channels_last') for (..., C)"
+    )
+    fixed = merge(int(_suggested(message, name, "channels_first")), layout="channels_first")
+    block = Residual(fn, merge=fixed)
+    x = torch.randn(2, C, 5, C)
+    if merge is LayerScale:
+        gamma = _set_gamma(fixed, C)
+        torch.testing.assert_close(block(x), x + gamma.view(1, C, 1, 1) * fn(x))
+    else:
+        torch.testing.assert_close(block(x), fixed(x, fn(x)))
+
+
+class OpaqueTanh(nn.Module):
+    """A branch without layers: nothing says where its channels are."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x)
+
+
+def test_an_unreadable_branch_gets_both_fixes_at_call_and_the_layout_one_works() -> None:
+    fn = OpaqueTanh()
     block = Residual(fn, merge=LayerScale(4))
     assert block.merge.layout is None  # nothing certain to follow: read as channels last
     x = torch.randn(2, 4, 3, 5)
@@ -380,7 +413,8 @@ def test_an_unreadable_channels_first_branch_gets_both_fixes_and_the_layout_one_
         block(x)
     message = str(error.value)
     assert "build it with dim=5" not in message
-    # both readings, each with the constructor that fits it
+    # both readings, each with the constructor that fits it, the one keeping 4 channels first
+    assert message.index("channels_first')") < message.index("channels_last')")
     assert _suggested(message, "LayerScale", "channels_first") == "4"
     assert _suggested(message, "LayerScale", "channels_last") == "5"
     merge = LayerScale(

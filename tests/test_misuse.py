@@ -70,6 +70,17 @@ class ReturnsList(nn.Module):
         return [x]
 
 
+class ConvNeXtLike(nn.Module):
+    """A conv branch with its own forward: its output layout cannot be read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(4, 4, 7, padding=3, groups=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dw(x)
+
+
 class Squeeze(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=1, keepdim=True)
@@ -315,6 +326,16 @@ CATALOGUE: list[Misuse] = [
         ResidualError,
         r"if its channels are at dim 1 \(N, C, \*spatial: a conv branch\), build it as "
         r"LayerScale\(4, layout='channels_first'\); if its channels are last",
+    ),
+    Misuse(
+        "layerscale-opaque-conv",
+        "a LayerScale without a layout beside a conv branch with a custom forward",
+        lambda: Residual(ConvNeXtLike(), merge=LayerScale(4)),
+        ResidualError,
+        r"^Residual: merge LayerScale\(4\) has no layout, and the branch ConvNeXtLike holds "
+        r"convolutions but its output layout cannot be read \(a custom forward\); build it with "
+        r"LayerScale\(4, layout='channels_first'\) for \(N, C, \*spatial\) outputs, or "
+        r"LayerScale\(4, layout='channels_last'\) for \(\.\.\., C\)$",
     ),
     Misuse(
         "merge-no-channel-dim",
