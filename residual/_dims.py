@@ -239,6 +239,12 @@ def read_branch_layout(fn: nn.Module) -> Layout | None:
     return None if step is None else step.leaves
 
 
+def read_branch_spatial_dims(fn: nn.Module) -> int | None:
+    """How many spatial dims ``fn``'s layers fix (a conv, a pool, a ``Rearrange``), if any."""
+    step = _read(fn)
+    return step.spatial_dims if step is not None and step.spatial_dims else None
+
+
 def hint_layout(shortcut: nn.Module, fn: nn.Module) -> str:
     """The layout a mismatch hint reads shapes in: the shortcut's, else the branch's if certain.
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from residual import _branch
-from residual._dims import read_branch_dims, read_branch_layout
+from residual._dims import read_branch_dims, read_branch_layout, read_branch_spatial_dims
 from residual._types import LAYOUTS, Layout, check_layout, check_positive_int
 from residual.errors import ResidualError
 
@@ -44,22 +44,45 @@ __all__ = [
 ]
 
 
-def _channel_dim(layout: Layout | None) -> int:
-    return 1 if layout == "channels_first" else -1
-
-
 def _check_merge_layout(caller: str, layout: Layout | None) -> Layout | None:
     return None if layout is None else check_layout(caller, layout)
 
 
-def _check_dim(caller: str, t: Tensor, dim: int, layout: Layout | None) -> None:
-    axis = _channel_dim(layout)
+def _channel_axis(
+    caller: str, t: Tensor, dim: int, layout: Layout | None, spatial_dims: int | None
+) -> int:
+    """The axis of ``t`` that holds the ``dim`` channels; raise if it does not (an FX leaf).
+
+    Channels first it is dim 1, or dim 0 of one unbatched (C, *spatial) sample when the spatial
+    dims are known (``Residual`` reads them from the branch or the shortcut); channels last
+    (and with no layout) the last dim.
+    """
     with _branch.shape_checks():
-        has_channels = t.dim() > max(axis, 0)  # dim 1 needs 2 dims, the last dim needs 1
-        fits = bool(has_channels and t.shape[axis] == dim)
         shape = tuple(t.shape)
+        if layout != "channels_first":
+            axis, fits = -1, len(shape) >= 1 and shape[-1] == dim
+        elif spatial_dims is not None and len(shape) == spatial_dims + 1:
+            axis, fits = 0, shape[0] == dim
+        else:
+            axis, fits = 1, len(shape) >= 2 and shape[1] == dim
     if not fits:
+        if axis == 0:
+            raise ResidualError(
+                f"{caller}: built for {dim} channels (channels_first), got the branch output "
+                f"{shape} of one unbatched (C, *spatial) sample; build it as "
+                f"{caller}({shape[0]}, layout='channels_first')"
+            )
         raise ResidualError(_mismatch(caller, shape, dim, layout))
+    return axis
+
+
+def _per_channel(gamma: Tensor, t: Tensor, axis: int) -> Tensor:
+    """``gamma`` (C,) shaped to broadcast along ``axis`` of ``t`` (an FX leaf)."""
+    if axis == -1:
+        return gamma
+    with _branch.shape_checks():
+        rank = t.dim()
+    return gamma.view((-1,) + (1,) * (rank - axis - 1))
 
 
 def _mismatch(caller: str, shape: tuple[int, ...], dim: int, layout: Layout | None) -> str:
@@ -85,14 +108,6 @@ def _stream_dtype(shortcut: Tensor, branch: Tensor) -> torch.dtype:
     return torch.promote_types(shortcut.dtype, branch.dtype)
 
 
-def _to_last(t: Tensor, layout: Layout | None) -> Tensor:
-    return t.movedim(1, -1) if layout == "channels_first" else t
-
-
-def _from_last(t: Tensor, layout: Layout | None) -> Tensor:
-    return t.movedim(-1, 1) if layout == "channels_first" else t
-
-
 class _PerChannelMerge(nn.Module):
     """A merge with ``dim`` per-channel parameters on the axis ``layout`` names (private base).
 
@@ -101,6 +116,7 @@ class _PerChannelMerge(nn.Module):
 
     dim: int
     layout: Layout | None
+    spatial_dims: int | None = None  # set by Residual where known: a rank below is unbatched
 
     def extra_repr(self) -> str:
         return f"{self.dim}" if self.layout is None else f"{self.dim}, layout={self.layout!r}"
@@ -219,7 +235,9 @@ class LayerScale(_PerChannelMerge):
             ``forward``) is refused when the block is built, asking for the layout: with a
             width equal to ``dim``, no shape could tell the width from the channels. Any other
             branch reads channels last (..., C), and a shape that does not fit raises when
-            called, naming the constructor for each reading.
+            called, naming the constructor for each reading. Beside a channels-first branch
+            whose spatial dims are read (or its shortcut's), one unbatched (C, *spatial)
+            sample, as torch's convs take it, is scaled along dim 0: the batch of one.
 
     ``gamma`` is cast to the stream's dtype (a float32 ``gamma`` on a bfloat16 stream gives a
     bfloat16 output, as the plain add).
@@ -243,11 +261,9 @@ class LayerScale(_PerChannelMerge):
         self.gamma = nn.Parameter(torch.full((dim,), float(init)))
 
     def forward(self, shortcut: Tensor, branch: Tensor) -> Tensor:
-        _check_dim("LayerScale", branch, self.dim, self.layout)
+        axis = _channel_axis("LayerScale", branch, self.dim, self.layout, self.spatial_dims)
         gamma = self.gamma.to(_stream_dtype(shortcut, branch))
-        if self.layout == "channels_first":
-            return shortcut + gamma.view((-1,) + (1,) * (branch.dim() - 2)) * branch
-        return shortcut + gamma * branch
+        return shortcut + _per_channel(gamma, branch, axis) * branch
 
 
 class HighwayGate(_PerChannelMerge):
@@ -273,10 +289,10 @@ class HighwayGate(_PerChannelMerge):
         nn.init.constant_(self.proj.bias, bias_init)
 
     def forward(self, shortcut: Tensor, branch: Tensor) -> Tensor:
-        _check_dim("HighwayGate", branch, self.dim, self.layout)
+        axis = _channel_axis("HighwayGate", branch, self.dim, self.layout, self.spatial_dims)
         dtype = _stream_dtype(shortcut, branch)
-        s = _to_last(shortcut, self.layout).to(self.proj.weight.dtype)
-        gate = _from_last(torch.sigmoid(self.proj(s)), self.layout).to(dtype)
+        s = shortcut.movedim(axis, -1).to(self.proj.weight.dtype)
+        gate = torch.sigmoid(self.proj(s)).movedim(-1, axis).to(dtype)
         return torch.lerp(shortcut.to(dtype), branch.to(dtype), gate)
 
 
@@ -300,12 +316,12 @@ class GRUGate(_PerChannelMerge):
         self.gru = nn.GRUCell(dim, dim)
 
     def forward(self, shortcut: Tensor, branch: Tensor) -> Tensor:
-        _check_dim("GRUGate", branch, self.dim, self.layout)
+        axis = _channel_axis("GRUGate", branch, self.dim, self.layout, self.spatial_dims)
         dtype, weights = _stream_dtype(shortcut, branch), self.gru.weight_ih.dtype
-        s = _to_last(shortcut, self.layout)
-        b = _to_last(branch, self.layout).reshape(-1, self.dim).to(weights)
+        s = shortcut.movedim(axis, -1)
+        b = branch.movedim(axis, -1).reshape(-1, self.dim).to(weights)
         out = self.gru(b, s.reshape(-1, self.dim).to(weights))
-        return _from_last(out.view(s.shape), self.layout).to(dtype)
+        return out.view(s.shape).movedim(-1, axis).to(dtype)
 
 
 class LaurelRW(nn.Module):
@@ -330,6 +346,15 @@ class LaurelRW(nn.Module):
     def forward(self, shortcut: Tensor, branch: Tensor) -> Tensor:
         alpha, beta = self.logits.softmax(0).to(branch.dtype).unbind()
         return alpha * branch + beta * shortcut
+
+
+def _spatial_dims(branch: nn.Module, shortcut: nn.Module | None) -> int | None:
+    """The spatial dims of a channels-first block, where the branch or the shortcut fix them."""
+    spatial = read_branch_spatial_dims(branch)
+    if spatial is None and getattr(shortcut, "layout", None) == "channels_first":
+        declared = getattr(shortcut, "spatial_dims", None)
+        spatial = declared if isinstance(declared, int) else None
+    return spatial
 
 
 def check_merge_fits(
@@ -362,6 +387,8 @@ def check_merge_fits(
                 f"{name}({merge.dim}, layout='channels_last') for (..., C)"
             )
         merge.layout = layout = known
+    if isinstance(merge, _PerChannelMerge) and layout == "channels_first":
+        merge.spatial_dims = _spatial_dims(branch, shortcut)
     if isinstance(dim, int) and known is not None and layout is not None and layout != known:
         channels = dims.out_channels if dims is not None else dim
         source = (
@@ -381,4 +408,5 @@ def check_merge_fits(
         )
 
 
-torch.fx.wrap("_check_dim")  # an FX leaf: it reads shapes
+for _name in ("_channel_axis", "_per_channel"):  # FX leaves: they read shapes
+    torch.fx.wrap(_name)

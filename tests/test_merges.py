@@ -490,10 +490,38 @@ def test_a_merge_that_followed_the_branch_traces_with_fx_export_and_compile(merg
     """einops' Rearrange does not FX-trace on its own, so FX gets the plain conv branch."""
     x = torch.randn(2, C, 5, C)
     conv = Residual(nn.Sequential(nn.Conv2d(C, C, 3, padding=1), nn.GELU()), merge=merge(C))
-    torch.testing.assert_close(torch.fx.symbolic_trace(conv)(x), conv(x), atol=0, rtol=0)
+    traced = torch.fx.symbolic_trace(conv)
+    for sample in (x, x[0]):  # a batch, and one unbatched sample
+        torch.testing.assert_close(traced(sample), conv(sample), atol=0, rtol=0)
+    compiled_conv = torch.compile(conv, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled_conv(x[0]), conv(x[0]), atol=1e-6, rtol=1e-6)
     block = Residual(_convnext_branch(C), merge=merge(C), drop_path=0.1).eval()
     expected = block(x)
     exported = torch.export.export(block, (x,)).module()
     torch.testing.assert_close(exported(x), expected, atol=1e-6, rtol=1e-6)
     compiled = torch.compile(block, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("merge", [LayerScale, HighwayGate, GRUGate])
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [
+        (lambda: nn.Conv2d(C, C, 3, padding=1), (C, C, 5)),  # H == C: the silently wrong case
+        (lambda: nn.Conv2d(C, C, 3, padding=1), (C, 4, 5)),
+        (lambda: nn.Conv1d(C, C, 3, padding=1), (C, 7)),
+        (lambda: nn.Conv3d(C, C, 3, padding=1), (C, 3, C, 2)),
+    ],
+    ids=["conv2d-h-equals-c", "conv2d", "conv1d", "conv3d"],
+)
+def test_a_channels_first_merge_on_an_unbatched_sample_is_the_batch_of_one(
+    merge, make, shape
+) -> None:
+    """nn.Conv2d takes one (C, H, W) sample; the merge beside it reads its channels at dim 0."""
+    torch.manual_seed(0)
+    fn = make()
+    block = Residual(fn, merge=merge(C))
+    if isinstance(block.merge, LayerScale):
+        _set_gamma(block.merge, C)
+    x = torch.randn(shape)
+    torch.testing.assert_close(block(x), block(x.unsqueeze(0)).squeeze(0))
