@@ -98,6 +98,7 @@ class _Step:
     spatial_dims: int
     needs: Layout | None = None
     leaves: Layout | None = None
+    lazy: bool = False  # a lazy layer: its input channels are not known before a forward
 
 
 def _tuple(v: object, n: int) -> tuple[int, ...]:
@@ -148,11 +149,15 @@ def _rearrange_step(m: nn.Module) -> _Step | None:
 
 def _step(m: nn.Module) -> _Step | None:
     if isinstance(m, nn.Linear):
-        return _Step(m.in_features, m.out_features, (), 0, "channels_last", "channels_last")
+        lazy = isinstance(m, nn.LazyLinear)
+        last: Layout = "channels_last"
+        return _Step(m.in_features, m.out_features, (), 0, last, last, lazy=lazy)
     if isinstance(m, _CONVS):
         n = len(m.kernel_size)
         stride = _read_stride(m, n, ceil=False)
-        return _Step(m.in_channels, m.out_channels, stride, n, "channels_first", "channels_first")
+        lazy = isinstance(m, nn.LazyConv1d | nn.LazyConv2d | nn.LazyConv3d)
+        first: Layout = "channels_first"
+        return _Step(m.in_channels, m.out_channels, stride, n, first, first, lazy=lazy)
     if isinstance(m, _POOLS):
         n = {"1d": 1, "2d": 2, "3d": 3}[type(m).__name__[-2:]]
         stride = _read_stride(m, n, ceil=bool(m.ceil_mode))
@@ -175,10 +180,12 @@ def _chain(modules: list[nn.Module]) -> _Step | None:
     spatial = 0
     needs: Layout | None = None  # the layout the chain's input must have
     current: Layout | None = None  # the layout of the tensor between two steps, once known
+    lazy = False
     for m in modules:
         step = _step(m)
         if step is None:
             return None
+        lazy = lazy or step.lazy
         if step.needs is not None:
             if current is None:
                 needs = needs or step.needs
@@ -186,7 +193,7 @@ def _chain(modules: list[nn.Module]) -> _Step | None:
                 return None  # a Linear on a spatial dim, a conv on channels-last: not a map
         current = step.leaves or current or step.needs
         if step.in_channels is not None:
-            if c_out is not None and c_out != step.in_channels:
+            if c_out is not None and c_out != step.in_channels and not step.lazy:
                 return None  # inconsistent: the branch would fail at call time anyway
             c_in = step.in_channels if c_in is None else c_in
             c_out = step.out_channels
@@ -199,7 +206,7 @@ def _chain(modules: list[nn.Module]) -> _Step | None:
         elif step.stride:
             pairs = zip(stride or (1,) * len(step.stride), step.stride, strict=True)
             stride = tuple(a * b for a, b in pairs)  # ceil(ceil(H / a) / b) = ceil(H / ab)
-    return _Step(c_in, c_out, stride, spatial, needs, current)
+    return _Step(c_in, c_out, stride, spatial, needs, current, lazy)
 
 
 def _read(fn: nn.Module) -> _Step | None:
@@ -219,7 +226,7 @@ def read_branch_dims(fn: nn.Module) -> BranchDims | None:
     step = _read(fn)
     if step is None or step.in_channels is None or step.out_channels is None:
         return None
-    if step.stride is None:
+    if step.stride is None or step.lazy:
         return None
     if step.needs is None or step.needs != step.leaves:
         return None

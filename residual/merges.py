@@ -344,7 +344,7 @@ class LaurelRW(nn.Module):
         self.logits = nn.Parameter(torch.tensor([float(v) for v in init]))  # (alpha, beta)
 
     def forward(self, shortcut: Tensor, branch: Tensor) -> Tensor:
-        alpha, beta = self.logits.softmax(0).to(branch.dtype).unbind()
+        alpha, beta = self.logits.softmax(0).to(_stream_dtype(shortcut, branch)).unbind()
         return alpha * branch + beta * shortcut
 
 

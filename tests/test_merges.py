@@ -525,3 +525,13 @@ def test_a_channels_first_merge_on_an_unbatched_sample_is_the_batch_of_one(
         _set_gamma(block.merge, C)
     x = torch.randn(shape)
     torch.testing.assert_close(block(x), block(x.unsqueeze(0)).squeeze(0))
+
+
+def test_a_lazy_conv_branch_still_gives_its_layout() -> None:
+    """Its channels are unknown until the first forward; that it is channels first is not."""
+    fn = nn.Sequential(nn.LazyConv2d(C, 3, padding=1))
+    block = Residual(fn, merge=LayerScale(C))
+    assert block.merge.layout == "channels_first"
+    gamma = _set_gamma(block.merge, C)
+    x = torch.randn(2, C, 5, C)
+    torch.testing.assert_close(block(x), x + gamma.view(1, C, 1, 1) * fn(x))

@@ -808,3 +808,19 @@ def test_the_new_paths_trace_with_fx_export_and_compile(case: str) -> None:
     torch.testing.assert_close(exported(x), expected, atol=1e-6, rtol=1e-6)
     compiled = torch.compile(block, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        nn.LazyConv2d(8, 3, padding=1),
+        nn.LazyLinear(8),
+        nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.LazyConv2d(8, 3, padding=1)),
+    ],
+    ids=["lazy-conv", "lazy-linear", "sequential"],
+)
+@pytest.mark.parametrize("name", ["projection", "auto"])
+def test_a_lazy_branch_asks_for_the_module(fn: nn.Module, name: str) -> None:
+    """A lazy layer's input channels are unknown until its first forward: not read as 0."""
+    with pytest.raises(ResidualError, match=f"^Residual: shortcut {name!r} needs the branch's"):
+        Residual(fn, shortcut=name)
