@@ -164,7 +164,12 @@ def _hint_for(b: torch.Size, s: torch.Size, layout: str) -> tuple[bool, str]:
             "the branch enlarges a spatial dim (upsampling); no strided shortcut matches it: "
             "pass a shortcut module that upsamples the input the same way"
         )
-    stride = _stride_between([(s[i], b[i]) for i in other]) if other else 1
+    stride: int | tuple[int | None, ...] | None = 1
+    if other:  # one stride for every dim if one fits, else one per dim (stride=(2, 1))
+        stride = _stride_between([(s[i], b[i]) for i in other])
+        if stride is None:
+            stride = tuple(_stride_between([(s[i], b[i])]) for i in other)
+            stride = None if None in stride else stride
     if stride is None:
         return False, (
             "the branch's non-channel sizes are not ceil(size / stride) of the input's (an "

@@ -10,6 +10,8 @@ from torch import nn
 Layout: TypeAlias = Literal["channels_first", "channels_last"]
 ModuleFactory: TypeAlias = Callable[..., nn.Module]
 DropMode: TypeAlias = Literal["row", "batch", "subset"]
+Stride: TypeAlias = int | tuple[int, ...]
+"""A stride: one int for every spatial dim, or one per spatial dim (``(2, 1)``)."""
 
 LAYOUTS: tuple[str, ...] = ("channels_first", "channels_last")
 

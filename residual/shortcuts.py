@@ -4,7 +4,13 @@ Each strategy is a module usable on its own, and by name through :func:`resolve_
 single resolver that ``Residual(fn, shortcut="...")`` uses). Each knows its layout:
 ``"channels_first"`` is (N, C, *spatial) for convolutions, ``"channels_last"`` is (..., C) for
 MLP, RNN and Transformer streams. A stride ``s`` keeps every ``s``-th position starting at the
-first, so an odd size ``H`` becomes ``ceil(H / s)``, as the branch's padded 3x3 conv does.
+first, so an odd size ``H`` becomes ``ceil(H / s)``, as the branch's padded 3x3 conv does; a
+stride may differ per spatial dim (``stride=(2, 1)``: ``ceil(H / 2)``, ``W``).
+
+A shortcut accepts what its branch accepts: a channels-first shortcut that knows its
+``spatial_dims`` also takes one unbatched sample (C, *spatial), as torch's convs do, and a
+channels-last one a single vector (C,); either gives what it gives the batch of that one
+sample.
 
 >>> import torch
 >>> from residual.shortcuts import ZeroPadShortcut
@@ -21,7 +27,7 @@ from torch import Tensor, nn
 
 from residual import _branch
 from residual._dims import read_branch_dims
-from residual._types import Layout, ModuleFactory, check_layout, check_positive_int
+from residual._types import Layout, ModuleFactory, Stride, check_layout, check_positive_int
 from residual.errors import ResidualError, check_module
 
 __all__ = [
@@ -73,31 +79,120 @@ def _check_spatial_dims(caller: str, spatial_dims: int) -> int:
     return spatial_dims
 
 
-def _subsample(x: Tensor, stride: int, layout: Layout) -> Tensor:
+def _check_stride(caller: str, stride: object, spatial_dims: int | None = None) -> Stride:
+    """Return ``stride``: a positive int, or a tuple of them with one per spatial dim."""
+    if not isinstance(stride, tuple | list):
+        return check_positive_int(caller, "stride", stride)
+    steps = tuple(stride)
+    if not steps or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in steps):
+        raise ResidualError(
+            f"{caller}: stride must be a positive int or a tuple of them (one per spatial dim), "
+            f"got {stride!r}"
+        )
+    if spatial_dims is not None and len(steps) != spatial_dims:
+        fix = f" or build it with spatial_dims={len(steps)}" if len(steps) in _CONVS else ""
+        raise ResidualError(
+            f"{caller}: stride {steps} gives one step per spatial dim ({len(steps)}) but "
+            f"spatial_dims={spatial_dims}; give {spatial_dims} steps{fix}"
+        )
+    return steps
+
+
+def _is_one(stride: Stride) -> bool:
+    return stride == 1 or (isinstance(stride, tuple) and all(s == 1 for s in stride))
+
+
+def _subsample(caller: str, x: Tensor, stride: Stride, layout: Layout) -> Tensor:
     """Keep every ``stride``-th position of each spatial dim (ceil(H / stride) remain).
 
     An FX leaf, as are the other helpers here that read the rank or shapes (registered at the
     end): ``torch.fx.symbolic_trace`` records the call and it runs on the real tensor.
     """
-    if stride == 1:
+    if _is_one(stride):
         return x
-    every = slice(None, None, stride)
-    if layout == "channels_first":
-        return x[(slice(None), slice(None)) + (every,) * (x.dim() - 2)]
-    return x[(slice(None),) + (every,) * (x.dim() - 2) + (slice(None),)]
+    with _branch.shape_checks():
+        spatial = max(x.dim() - 2, 0)
+        shape = tuple(x.shape)
+    if isinstance(stride, tuple):
+        if len(stride) != spatial:
+            raise ResidualError(
+                f"{caller}: stride {stride} gives one step per spatial dim ({len(stride)}) but "
+                f"the input of shape {shape} has {spatial} ({layout}); give one step per "
+                "spatial dim"
+            )
+        steps = stride
+    else:
+        steps = (stride,) * spatial
+    if not steps:
+        return x
+    every = tuple(slice(None, None, s) for s in steps)
+    first = layout == "channels_first"
+    index = (slice(None), slice(None), *every) if first else (slice(None), *every, slice(None))
+    return x[index]
+
+
+def _batched(
+    caller: str, x: Tensor, expected: int, layout: Layout, spatial_dims: int | None
+) -> Tensor:
+    """``x`` as a batch: one unbatched sample gains a batch dim of one (an FX leaf).
+
+    Raises unless ``x`` has ``expected`` channels where ``layout`` puts them. Channels first, a
+    rank of ``spatial_dims + 1`` is one sample (C, *spatial) when ``spatial_dims`` is known;
+    channels last, a vector (C,) is one sample.
+    """
+    with _branch.shape_checks():  # under torch.jit.trace: no warning for the shape reads
+        return _batch_of(caller, x, expected, layout, spatial_dims)
+
+
+def _batch_of(
+    caller: str, x: Tensor, expected: int, layout: Layout, spatial_dims: int | None
+) -> Tensor:
+    rank, shape = x.dim(), tuple(x.shape)
+    if layout == "channels_last":
+        if rank == 1 and shape[0] == expected:
+            return x.unsqueeze(0)
+        if not (rank >= 1 and shape[-1] == expected):
+            raise ResidualError(
+                f"{caller}: expected {expected} channels at the last dim (channels_last), got "
+                f"input of shape {shape}; check the layout or the in_channels the shortcut was "
+                "built with"
+            )
+        return x
+    if spatial_dims is not None and rank == spatial_dims + 1:
+        if shape[0] != expected:
+            raise ResidualError(
+                f"{caller}: expected {expected} channels at dim 0 of an unbatched (C, *spatial) "
+                f"sample (channels_first, spatial_dims={spatial_dims}), got input of shape "
+                f"{shape}; check the layout, the in_channels the shortcut was built with, or its "
+                "spatial_dims"
+            )
+        return x.unsqueeze(0)
+    if spatial_dims is not None and rank != spatial_dims + 2:
+        fix = (
+            f"build it with spatial_dims={rank - 2}" if rank - 2 in _CONVS else "reshape the input"
+        )
+        raise ResidualError(
+            f"{caller}(spatial_dims={spatial_dims}) expects (N, C, *{spatial_dims} spatial) "
+            f"input or one unbatched (C, *{spatial_dims} spatial) sample, got shape {shape}; {fix}"
+        )
+    if not (rank >= 2 and shape[1] == expected):
+        raise ResidualError(
+            f"{caller}: expected {expected} channels at dim 1 (channels_first), got input of "
+            f"shape {shape}; check the layout or the in_channels the shortcut was built with"
+        )
+    return x
+
+
+def _unbatched(y: Tensor, x: Tensor) -> Tensor:
+    """``y`` without the batch dim :func:`_batched` gave an unbatched ``x`` (an FX leaf)."""
+    with _branch.shape_checks():
+        added = x.dim() < y.dim()
+    return y.squeeze(0) if added else y
 
 
 def _check_channels(caller: str, x: Tensor, expected: int, layout: Layout) -> Tensor:
-    """Return ``x``; raise unless it has ``expected`` channels (an FX leaf)."""
-    dim = 1 if layout == "channels_first" else -1
-    with _branch.shape_checks():
-        fits = bool(x.dim() >= 2 and x.shape[dim] == expected)
-    if not fits:
-        where = "dim 1 (channels_first)" if dim == 1 else "the last dim (channels_last)"
-        raise ResidualError(
-            f"{caller}: expected {expected} channels at {where}, got input of shape "
-            f"{tuple(x.shape)}; check the layout or the in_channels the shortcut was built with"
-        )
+    """Return ``x``; raise unless it has ``expected`` channels (an FX leaf; any batching)."""
+    _batched(caller, x, expected, layout, None)
     return x
 
 
@@ -155,7 +250,7 @@ class LowRankShortcut(nn.Module):
     def low_rank(self, x: Tensor) -> Tensor:
         """``A B x`` alone (LAuReL-PA's ``h``)."""
         _check_channels("LowRankShortcut", x, self.dim, "channels_last")
-        return (x @ self.down.t()) @ self.up.t()
+        return (x @ self.down.t()) @ self.up.t()  # a vector (dim,) is one sample
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.low_rank(x)
@@ -191,9 +286,11 @@ class ProjectionShortcut(nn.Module):
     Args:
         in_channels: channels entering the shortcut.
         out_channels: channels leaving it (the branch's output channels).
-        stride: spatial subsampling, matching the branch's stride.
+        stride: spatial subsampling, matching the branch's stride: an int, or one per spatial
+            dim (``(2, 1)``); each dim gives ``ceil(H / s)``.
         layout: ``"channels_first"`` (N, C, *spatial) or ``"channels_last"`` (..., C).
-        spatial_dims: 1, 2 or 3, the conv's dimensionality (channel-first only).
+        spatial_dims: 1, 2 or 3, the conv's dimensionality (channel-first only); the
+            projection takes (N, C, *spatial) batches and single (C, *spatial) samples.
         norm_layer: factory called with ``out_channels``, or None for no norm.
         bias: give the projection a bias.
 
@@ -203,6 +300,8 @@ class ProjectionShortcut(nn.Module):
     torch.Size([2, 128, 4, 4])
     >>> ProjectionShortcut(256, 512, layout="channels_last")(torch.randn(3, 256)).shape
     torch.Size([3, 512])
+    >>> ProjectionShortcut(64, 128, stride=(2, 1))(torch.randn(64, 7, 7)).shape  # one sample
+    torch.Size([128, 4, 7])
     """
 
     def __init__(
@@ -210,7 +309,7 @@ class ProjectionShortcut(nn.Module):
         in_channels: int,
         out_channels: int,
         *,
-        stride: int = 1,
+        stride: Stride = 1,
         layout: Layout = "channels_first",
         spatial_dims: int = 2,
         norm_layer: ModuleFactory | _DefaultNorm | None = DEFAULT_NORM,
@@ -220,9 +319,10 @@ class ProjectionShortcut(nn.Module):
         name = type(self).__name__
         self.in_channels = check_positive_int(name, "in_channels", in_channels)
         self.out_channels = check_positive_int(name, "out_channels", out_channels)
-        self.stride = check_positive_int(name, "stride", stride)
         self.layout = check_layout(name, layout)
         self.spatial_dims = _check_spatial_dims(name, spatial_dims)
+        first = layout == "channels_first"
+        self.stride = _check_stride(name, stride, spatial_dims if first else None)
         if isinstance(norm_layer, _DefaultNorm):
             norm_layer = _BATCH_NORMS[spatial_dims] if layout == "channels_first" else None
         if layout == "channels_first":
@@ -233,10 +333,13 @@ class ProjectionShortcut(nn.Module):
         self.norm = norm_layer(out_channels) if norm_layer is not None else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = _check_channels(type(self).__name__, x, self.in_channels, self.layout)
+        name = type(self).__name__
         if self.layout == "channels_first":
-            return self.norm(self.conv(x))
-        return self.norm(self.linear(_subsample(x, self.stride, "channels_last")))
+            batch = _batched(name, x, self.in_channels, self.layout, self.spatial_dims)
+            return _unbatched(self.norm(self.conv(batch)), x)
+        batch = _batched(name, x, self.in_channels, self.layout, None)
+        y = self.norm(self.linear(_subsample(name, batch, self.stride, "channels_last")))
+        return _unbatched(y, x)
 
     def extra_repr(self) -> str:
         return (
@@ -254,9 +357,13 @@ class ZeroPadShortcut(nn.Module):
     Args:
         in_channels: channels entering.
         out_channels: channels leaving, at least ``in_channels``.
-        stride: spatial subsampling; odd sizes give ceil(H / stride).
+        stride: spatial subsampling, an int or one per spatial dim; odd sizes give
+            ceil(H / stride).
         layout: ``"channels_first"`` or ``"channels_last"``.
         placement: ``"end"`` or ``"both"``.
+        spatial_dims: channels first, the number of spatial dims if known (``Residual`` passes
+            its conv branch's): then one unbatched (C, *spatial) sample is taken too. None: any
+            rank, always batched.
 
     Raises:
         ResidualError: ``out_channels < in_channels`` (zero-padding cannot drop channels).
@@ -273,16 +380,20 @@ class ZeroPadShortcut(nn.Module):
         in_channels: int,
         out_channels: int,
         *,
-        stride: int = 1,
+        stride: Stride = 1,
         layout: Layout = "channels_first",
         placement: Literal["end", "both"] = "end",
+        spatial_dims: int | None = None,
     ) -> None:
         super().__init__()
         name = type(self).__name__
         self.in_channels = check_positive_int(name, "in_channels", in_channels)
         self.out_channels = check_positive_int(name, "out_channels", out_channels)
-        self.stride = check_positive_int(name, "stride", stride)
         self.layout = check_layout(name, layout)
+        if spatial_dims is not None:
+            _check_spatial_dims(name, spatial_dims)
+        self.spatial_dims = spatial_dims
+        self.stride = _check_stride(name, stride, spatial_dims)
         if out_channels < in_channels:
             raise ResidualError(
                 f"{name}: cannot shrink {in_channels} channels to {out_channels} by zero-padding; "
@@ -296,13 +407,17 @@ class ZeroPadShortcut(nn.Module):
         self._after = extra - self._before
 
     def forward(self, x: Tensor) -> Tensor:
-        x = _check_channels(type(self).__name__, x, self.in_channels, self.layout)
-        sub = _subsample(x, self.stride, self.layout)
+        name = type(self).__name__
+        first = self.layout == "channels_first"
+        batch = _batched(
+            name, x, self.in_channels, self.layout, self.spatial_dims if first else None
+        )
+        sub = _subsample(name, batch, self.stride, self.layout)
         if self._before == 0 and self._after == 0:
-            return sub
+            return _unbatched(sub, x)
         if self.layout == "channels_last":
-            return nn.functional.pad(sub, (self._before, self._after))
-        return _pad_channels_first(x, sub, self._before, self._after)
+            return _unbatched(nn.functional.pad(sub, (self._before, self._after)), x)
+        return _unbatched(_pad_channels_first(batch, sub, self._before, self._after), x)
 
     def extra_repr(self) -> str:
         return (
@@ -321,14 +436,18 @@ class PooledProjectionShortcut(nn.Module):
     >>> import torch
     >>> PooledProjectionShortcut(64, 128, stride=2)(torch.randn(2, 64, 7, 7)).shape
     torch.Size([2, 128, 4, 4])
+    >>> PooledProjectionShortcut(64, 128, stride=(2, 1))(torch.randn(64, 7, 7)).shape
+    torch.Size([128, 4, 7])
     """
+
+    layout: Layout = "channels_first"
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
         *,
-        stride: int = 1,
+        stride: Stride = 1,
         spatial_dims: int = 2,
         norm_layer: ModuleFactory | _DefaultNorm | None = DEFAULT_NORM,
     ) -> None:
@@ -336,22 +455,23 @@ class PooledProjectionShortcut(nn.Module):
         name = type(self).__name__
         self.in_channels = check_positive_int(name, "in_channels", in_channels)
         self.out_channels = check_positive_int(name, "out_channels", out_channels)
-        self.stride = check_positive_int(name, "stride", stride)
         self.spatial_dims = _check_spatial_dims(name, spatial_dims)
+        self.stride = _check_stride(name, stride, spatial_dims)
         if isinstance(norm_layer, _DefaultNorm):
             norm_layer = _BATCH_NORMS[spatial_dims]
         pool = _AVG_POOLS[spatial_dims]
         self.pool = (
-            pool(stride, stride=stride, ceil_mode=True, count_include_pad=False)
-            if stride > 1
-            else nn.Identity()
+            nn.Identity()
+            if _is_one(self.stride)
+            else pool(self.stride, stride=self.stride, ceil_mode=True, count_include_pad=False)
         )
         self.conv = _CONVS[spatial_dims](in_channels, out_channels, 1, bias=False)
         self.norm = norm_layer(out_channels) if norm_layer is not None else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = _check_channels(type(self).__name__, x, self.in_channels, "channels_first")
-        return self.norm(self.conv(self.pool(x)))
+        name = type(self).__name__
+        batch = _batched(name, x, self.in_channels, "channels_first", self.spatial_dims)
+        return _unbatched(self.norm(self.conv(self.pool(batch))), x)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
@@ -362,15 +482,15 @@ def resolve_shortcut(
     *,
     in_channels: int | None = None,
     out_channels: int | None = None,
-    stride: int = 1,
+    stride: Stride = 1,
     layout: Layout = "channels_first",
     spatial_dims: int = 2,
     norm_layer: ModuleFactory | _DefaultNorm | None = DEFAULT_NORM,
 ) -> nn.Module:
     """Turn a shortcut name (or module) into a shortcut module: the one resolver.
 
-    ``"auto"`` (and None) is identity when ``in_channels == out_channels`` and ``stride == 1``,
-    otherwise a projection. A module is returned as it is.
+    ``"auto"`` (and None) is identity when ``in_channels == out_channels`` and the stride is 1
+    (in every dim), otherwise a projection. A module is returned as it is.
 
     Raises:
         ResidualError: unknown name (the valid ones are listed), or dimensions missing.
@@ -404,10 +524,13 @@ def resolve_shortcut(
             f"shortcut {spec!r} needs in_channels and out_channels; pass a module instead, "
             "e.g. shortcut=ProjectionShortcut(in_channels, out_channels)"
         )
-    if spec == "auto" and in_channels == out_channels and stride == 1:
+    if spec == "auto" and in_channels == out_channels and _is_one(stride):
         return IdentityShortcut()  # any other "auto" is the projection at the end
     if spec == "zero_pad":
-        return ZeroPadShortcut(in_channels, out_channels, stride=stride, layout=layout)
+        dims = spatial_dims if layout == "channels_first" else None
+        return ZeroPadShortcut(
+            in_channels, out_channels, stride=stride, layout=layout, spatial_dims=dims
+        )
     if spec == "pooled_projection":
         if layout != "channels_first":
             raise ResidualError(
@@ -441,6 +564,8 @@ def shortcut_for(spec: str | nn.Module | None, branch: nn.Module) -> nn.Module:
     >>> from torch import nn
     >>> shortcut_for("zero_pad", nn.Conv2d(16, 32, 3, stride=2, padding=1))
     ZeroPadShortcut(16, 32, stride=2, layout='channels_first', placement='end')
+    >>> shortcut_for("projection", nn.Conv2d(16, 32, 3, stride=(2, 1), padding=1)).stride
+    (2, 1)
     """
     if isinstance(spec, nn.Module):
         return spec
@@ -471,5 +596,5 @@ def is_identity(shortcut: nn.Module) -> bool:
     return isinstance(shortcut, IdentityShortcut | nn.Identity)
 
 
-for _name in ("_subsample", "_check_channels", "_pad_channels_first"):
+for _name in ("_subsample", "_check_channels", "_pad_channels_first", "_batched", "_unbatched"):
     torch.fx.wrap(_name)

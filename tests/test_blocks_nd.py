@@ -17,9 +17,10 @@ from residual import (
 )
 from residual.shortcuts import resolve_shortcut
 
-CONV = {1: nn.Conv1d, 3: nn.Conv3d}
-NORM = {1: nn.BatchNorm1d, 3: nn.BatchNorm3d}
-SIZES = {1: (9,), 3: (3, 5, 4)}  # odd sizes: a stride-2 block gives ceil(size / 2)
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+SIZES = {1: (9,), 2: (7, 6), 3: (3, 5, 4)}  # odd sizes: a stride-2 block gives ceil(size / 2)
+ANISO = {1: (3,), 2: (2, 1), 3: (1, 2, 2)}  # a stride per spatial dim (CRNN's (2, 1))
 
 
 def _input(dims: int, channels: int, batch: int = 2) -> Tensor:
@@ -289,3 +290,54 @@ def test_compile_fullgraph(make, dims: int) -> None:
     x = _input(dims, 4)
     torch.testing.assert_close(compiled(x), block(x))
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3], ids=["1d", "2d", "3d"])
+@pytest.mark.parametrize("cout", [4, 6])
+def test_blocks_take_a_stride_per_spatial_dim(dims: int, cout: int) -> None:
+    """stride=(2, 1) as CRNN-style ResNets: ceil(H / 2), W; every block, against hand-built."""
+    stride = ANISO[dims]
+    x = _input(dims, 4)
+    down = _projection(dims, 4, cout, stride)  # type: ignore[arg-type]
+    ours = ResidualBlock(4, cout, stride, spatial_dims=dims)
+    hand = HandBasic(dims, 4, cout, stride, down)  # type: ignore[arg-type]
+    _randomize_stats(ours)
+    for name in ("conv1", "bn1", "conv2", "bn2"):
+        _copy(getattr(hand, name), getattr(ours.fn, name))
+    _copy(down[0], ours.shortcut.conv)
+    _copy(down[1], ours.shortcut.norm)
+    _assert_matches(ours, hand, x)
+    expected = (2, cout, *(-(-h // s) for h, s in zip(SIZES[dims], stride, strict=True)))
+    assert ours(x).shape == expected
+    for name in ("auto", "projection", "zero_pad", "pooled_projection"):
+        for block in (
+            ResidualBlock(4, cout, stride, shortcut=name, spatial_dims=dims),
+            Bottleneck(4, cout, stride, shortcut=name, spatial_dims=dims, expansion=1),
+            PreActBlock(4, cout, stride, shortcut=name, spatial_dims=dims),
+        ):
+            assert block(x).shape == expected, (type(block).__name__, name)
+
+
+def test_a_bottleneck_with_a_stride_per_dim_matches_hand_built() -> None:
+    x = _input(3, 4)
+    down = _projection(3, 4, 8, (1, 2, 2))  # type: ignore[arg-type]
+    ours = Bottleneck(4, 2, (1, 2, 2), spatial_dims=3)
+    hand = HandBottleneck(3, 4, 2, (1, 2, 2), down)  # type: ignore[arg-type]
+    _randomize_stats(ours)
+    for name in ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3"):
+        _copy(getattr(hand, name), getattr(ours.fn, name))
+    _copy(down[0], ours.shortcut.conv)
+    _copy(down[1], ours.shortcut.norm)
+    _assert_matches(ours, hand, x)
+
+
+def test_a_block_stride_of_the_wrong_length_names_spatial_dims() -> None:
+    with pytest.raises(
+        ResidualError,
+        match=r"^ResidualBlock: stride \(2, 1\) gives one step per spatial dim \(2\) but "
+        r"spatial_dims=3; give 3 steps or build it with spatial_dims=2$",
+    ):
+        ResidualBlock(4, 4, (2, 1), spatial_dims=3)
+    assert ResidualBlock(4, 4, (2, 1), spatial_dims=2)(torch.randn(1, 4, 5, 5)).shape == (
+        1, 4, 3, 5,
+    )  # fmt: skip

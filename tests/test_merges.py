@@ -21,6 +21,7 @@ from residual import (
     ScaledAdd,
 )
 from residual.merges import Add, deepnorm_scales
+from residual.shortcuts import ProjectionShortcut
 
 
 def test_add_and_scaled_add() -> None:
@@ -76,7 +77,12 @@ def test_layerscale_is_per_channel_and_layout_aware(layout, shape, view) -> None
 
 def test_layerscale_channel_mismatch_at_call() -> None:
     block = Residual(nn.Identity(), merge=LayerScale(8))
-    with pytest.raises(ResidualError, match=r"built for 8 channels \(channels_last\).*dim=6"):
+    with pytest.raises(
+        ResidualError,
+        match=r"^LayerScale: built for 8 channels \(layout not set: read as channels_last\), got a "
+        r"branch output of shape \(2, 6\); if its channels are last \(\.\.\., C\), build it as "
+        r"LayerScale\(6, layout='channels_last'\)$",
+    ):
         block(torch.randn(2, 6))
 
 
@@ -202,7 +208,9 @@ def test_per_channel_merges_name_themselves_and_the_bad_argument(merge) -> None:
     with pytest.raises(
         ResidualError,
         match=rf"^{name}: built for 4 channels \(channels_first\), got a branch output of "
-        r"shape \(2, 3, 4\); build it with dim=3 or fix the layout$",
+        rf"shape \(2, 3, 4\); if its channels are last \(\.\.\., C\), build it as "
+        rf"{name}\(4, layout='channels_last'\); if its channels are at dim 1 \(N, C, \*spatial: "
+        rf"a conv branch\), build it as {name}\(3, layout='channels_first'\)$",
     ):
         merge(4, layout="channels_first")(torch.randn(2, 3, 4), torch.randn(2, 3, 4))
 
@@ -217,16 +225,6 @@ def test_gru_gate_channels_first_gates_every_position() -> None:
         expected[n, :, h, w] = cell[0]
     torch.testing.assert_close(gate(s, f), expected)
     assert gate.layout == "channels_first"
-
-
-def test_a_merge_built_for_the_other_layout_is_refused_at_build() -> None:
-    with pytest.raises(
-        ResidualError,
-        match=r"^Residual: merge LayerScale was built for 4 channels \(channels_last\) but the "
-        r"branch outputs 4 \(channels_first\); build it with "
-        r"LayerScale\(4, layout='channels_first'\)$",
-    ):
-        Residual(nn.Conv2d(4, 4, 3, padding=1), merge=LayerScale(4))
 
 
 def test_laurel_rw_needs_two_logits_and_says_so() -> None:
@@ -247,3 +245,294 @@ def test_laurel_rw_weights_take_the_streams_dtype() -> None:
     out = merge(s, b)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, alpha * b + beta * s, rtol=0, atol=0)
+
+
+# --- per-channel merges on channels-first branches: the layout follows the block ----------------
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of (N, C, H, W): a custom forward, so the branch is opaque."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _convnext_branch(c: int) -> nn.Sequential:
+    """ConvNeXt's block (Liu et al. 2022) as torchvision's CNBlock, einops for its Permute."""
+    from einops.layers.torch import Rearrange
+
+    return nn.Sequential(
+        nn.Conv2d(c, c, 7, padding=3, groups=c),
+        Rearrange("n c h w -> n h w c"),
+        nn.LayerNorm(c),
+        nn.Linear(c, 4 * c),
+        nn.GELU(),
+        nn.Linear(4 * c, c),
+        Rearrange("n h w c -> n c h w"),
+    )
+
+
+def _set_gamma(merge: LayerScale, c: int) -> torch.Tensor:
+    gamma = torch.linspace(0.5, 2.0, c)
+    with torch.no_grad():
+        merge.gamma.copy_(gamma)
+    return gamma
+
+
+C = 6  # the branches below see (N, C, H, W) inputs whose W == C: the silently wrong case
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Conv2d(C, C, 3, padding=1),
+        lambda: nn.Sequential(nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C), nn.ReLU()),
+        lambda: Residual(nn.Conv2d(C, C, 3, padding=1)),  # a nested residual block
+        lambda: _convnext_branch(C),
+        # sizes kept by two even kernels: no stride can be read, the layout still is
+        lambda: nn.Sequential(nn.Conv2d(C, C, 2, padding=1), nn.Conv2d(C, C, 2)),
+    ],
+    ids=["conv", "sequential", "nested-residual", "convnext", "even-kernels"],
+)
+def test_layerscale_follows_a_channels_first_branch_when_w_equals_c(make) -> None:
+    fn = make().eval()
+    merge = LayerScale(C)
+    block = Residual(fn, merge=merge)
+    assert merge.layout == "channels_first"
+    gamma = _set_gamma(merge, C)
+    x = torch.randn(2, C, 5, C)
+    torch.testing.assert_close(block(x), x + gamma.view(1, C, 1, 1) * fn(x))
+
+
+def test_a_per_channel_merge_follows_the_layout_the_shortcut_declares() -> None:
+    """An opaque branch beside a channels-first projection: the block's output is (N, C, H, W)."""
+
+    class Opaque(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x)
+
+    fn = Opaque()
+    merge = LayerScale(8)
+    block = Residual(fn, shortcut=ProjectionShortcut(4, 8, norm_layer=None), merge=merge).eval()
+    assert merge.layout == "channels_first"
+    gamma = _set_gamma(merge, 8)
+    x = torch.randn(2, 4, 3, 8)
+    expected = block.shortcut(x) + gamma.view(1, 8, 1, 1) * fn(x)
+    torch.testing.assert_close(block(x), expected)
+
+
+@pytest.mark.parametrize("merge", [HighwayGate, GRUGate])
+def test_gates_follow_a_channels_first_branch(merge) -> None:
+    fn = nn.Conv2d(C, C, 3, padding=1)
+    followed = merge(C)
+    block = Residual(fn, merge=followed)
+    assert followed.layout == "channels_first"
+    explicit = merge(C, layout="channels_first")
+    explicit.load_state_dict(followed.state_dict())
+    x = torch.randn(2, C, 3, C)
+    torch.testing.assert_close(block(x), explicit(x, fn(x)))
+
+
+def test_a_merge_built_for_the_other_layout_is_refused_at_build_with_a_fix_that_works() -> None:
+    fn = nn.Conv2d(4, 4, 3, padding=1)
+    with pytest.raises(
+        ResidualError,
+        match=r"^Residual: merge LayerScale was built for 4 channels \(channels_last\) but the "
+        r"branch outputs 4 \(channels_first\); build it with "
+        r"LayerScale\(4, layout='channels_first'\)$",
+    ):
+        Residual(fn, merge=LayerScale(4, layout="channels_last"))
+    merge = LayerScale(4, layout="channels_first")
+    gamma = _set_gamma(merge, 4)
+    x = torch.randn(2, 4, 3, 4)
+    torch.testing.assert_close(Residual(fn, merge=merge)(x), x + gamma.view(1, 4, 1, 1) * fn(x))
+
+
+class OpaqueConv(nn.Module):
+    """A conv branch whose layout cannot be read (a custom forward)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def _suggested(message: str, caller: str, layout: str) -> str:
+    found = re.search(rf"{caller}\((\d+), layout='{layout}'\)", message)
+    assert found is not None, message
+    return found.group(1)
+
+
+@pytest.mark.parametrize("merge", [LayerScale, HighwayGate, GRUGate])
+def test_an_opaque_branch_with_convs_asks_for_the_layout_at_build(merge) -> None:
+    """W == C: nothing at call time could tell the width from the channels; the block asks."""
+    name = merge.__name__
+    fn = OpaqueConv(C)
+    with pytest.raises(ResidualError) as error:
+        Residual(fn, merge=merge(C))
+    message = str(error.value)
+    assert message == (
+        f"Residual: merge {name}({C}) has no layout, and the branch OpaqueConv holds "
+        "convolutions but its output layout cannot be read (a custom forward); build it with "
+        f"{name}({C}, layout='channels_first') for (N, C, *spatial) outputs, or "
+        f"{name}({C}, layout='channels_last') for (..., C)"
+    )
+    fixed = merge(int(_suggested(message, name, "channels_first")), layout="channels_first")
+    block = Residual(fn, merge=fixed)
+    x = torch.randn(2, C, 5, C)
+    if merge is LayerScale:
+        gamma = _set_gamma(fixed, C)
+        torch.testing.assert_close(block(x), x + gamma.view(1, C, 1, 1) * fn(x))
+    else:
+        torch.testing.assert_close(block(x), fixed(x, fn(x)))
+
+
+class OpaqueTanh(nn.Module):
+    """A branch without layers: nothing says where its channels are."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x)
+
+
+def test_an_unreadable_branch_gets_both_fixes_at_call_and_the_layout_one_works() -> None:
+    fn = OpaqueTanh()
+    block = Residual(fn, merge=LayerScale(4))
+    assert block.merge.layout is None  # nothing certain to follow: read as channels last
+    x = torch.randn(2, 4, 3, 5)
+    with pytest.raises(ResidualError) as error:
+        block(x)
+    message = str(error.value)
+    assert "build it with dim=5" not in message
+    # both readings, each with the constructor that fits it, the one keeping 4 channels first
+    assert message.index("channels_first')") < message.index("channels_last')")
+    assert _suggested(message, "LayerScale", "channels_first") == "4"
+    assert _suggested(message, "LayerScale", "channels_last") == "5"
+    merge = LayerScale(
+        int(_suggested(message, "LayerScale", "channels_first")), layout="channels_first"
+    )
+    gamma = _set_gamma(merge, 4)
+    torch.testing.assert_close(Residual(fn, merge=merge)(x), x + gamma.view(1, 4, 1, 1) * fn(x))
+
+
+@pytest.mark.parametrize("merge", [LayerScale, HighwayGate, GRUGate])
+def test_a_channels_last_merge_on_other_channels_names_the_dim_fix_and_it_works(merge) -> None:
+    name = merge.__name__
+    block = Residual(nn.Identity(), merge=merge(8))
+    x = torch.randn(2, 5, 6)
+    with pytest.raises(ResidualError) as error:
+        block(x)
+    message = str(error.value)
+    assert message.startswith(f"{name}: built for 8 channels"), message
+    fixed = merge(int(_suggested(message, name, "channels_last")), layout="channels_last")
+    assert Residual(nn.Identity(), merge=fixed)(x).shape == x.shape
+
+
+# --- merges in half precision: the stream keeps its dtype ---------------------------------------
+
+
+def _merges() -> list[nn.Module]:
+    from residual.merges import LaurelRW
+
+    return [Add(), ScaledAdd(2.0, 0.5), ReZero(0.3), LayerScale(8, 0.3), HighwayGate(8),
+            GRUGate(8), LaurelRW((0.2, -0.1))]  # fmt: skip
+
+
+@pytest.mark.parametrize("index", range(7), ids=lambda i: type(_merges()[i]).__name__)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_merge_keeps_a_half_stream_in_its_dtype_with_float32_parameters(index, dtype) -> None:
+    """float32 parameters (autocast, or a model kept in float32) on a half stream: the merge
+    returns the stream's dtype, as the plain add does, close to its float64 value."""
+    torch.manual_seed(0)
+    merge = _merges()[index]
+    s, b = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    out = merge(s.to(dtype), b.to(dtype))
+    assert out.dtype == dtype
+    exact = merge.double()(s.to(dtype).double(), b.to(dtype).double())
+    torch.testing.assert_close(out.double(), exact, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("index", range(7), ids=lambda i: type(_merges()[i]).__name__)
+def test_residual_in_fp32_merges_in_float32_on_a_bfloat16_model(index) -> None:
+    torch.manual_seed(0)
+    block = Residual(nn.Linear(8, 8), merge=_merges()[index], residual_in_fp32=True)
+    block = block.bfloat16()
+    x = torch.randn(2, 3, 8).bfloat16()
+    out = block(x)
+    assert out.dtype == torch.float32
+    s, y = x.double(), block.fn(x).double()
+    exact = block.merge.double()(s, y)
+    torch.testing.assert_close(out.double(), exact, atol=0.02, rtol=0.02)
+
+
+@pytest.mark.parametrize("index", range(7), ids=lambda i: type(_merges()[i]).__name__)
+def test_a_merge_runs_under_bfloat16_autocast(index) -> None:
+    torch.manual_seed(0)
+    block = Residual(nn.Linear(8, 8), merge=_merges()[index])
+    x = torch.randn(2, 3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x)
+    assert out.dtype == torch.float32  # the float32 stream plus a bfloat16 branch
+    torch.testing.assert_close(out, block(x), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("merge", [LayerScale, HighwayGate, GRUGate])
+def test_a_merge_that_followed_the_branch_traces_with_fx_export_and_compile(merge) -> None:
+    """einops' Rearrange does not FX-trace on its own, so FX gets the plain conv branch."""
+    x = torch.randn(2, C, 5, C)
+    conv = Residual(nn.Sequential(nn.Conv2d(C, C, 3, padding=1), nn.GELU()), merge=merge(C))
+    traced = torch.fx.symbolic_trace(conv)
+    for sample in (x, x[0]):  # a batch, and one unbatched sample
+        torch.testing.assert_close(traced(sample), conv(sample), atol=0, rtol=0)
+    torch.compiler.reset()  # a fresh cache: the suite compiles many blocks
+    compiled_conv = torch.compile(conv, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled_conv(x[0]), conv(x[0]), atol=1e-6, rtol=1e-6)
+    block = Residual(_convnext_branch(C), merge=merge(C), drop_path=0.1).eval()
+    expected = block(x)
+    exported = torch.export.export(block, (x,)).module()
+    torch.testing.assert_close(exported(x), expected, atol=1e-6, rtol=1e-6)
+    compiled = torch.compile(block, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("merge", [LayerScale, HighwayGate, GRUGate])
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [
+        (lambda: nn.Conv2d(C, C, 3, padding=1), (C, C, 5)),  # H == C: the silently wrong case
+        (lambda: nn.Conv2d(C, C, 3, padding=1), (C, 4, 5)),
+        (lambda: nn.Conv1d(C, C, 3, padding=1), (C, 7)),
+        (lambda: nn.Conv3d(C, C, 3, padding=1), (C, 3, C, 2)),
+    ],
+    ids=["conv2d-h-equals-c", "conv2d", "conv1d", "conv3d"],
+)
+def test_a_channels_first_merge_on_an_unbatched_sample_is_the_batch_of_one(
+    merge, make, shape
+) -> None:
+    """nn.Conv2d takes one (C, H, W) sample; the merge beside it reads its channels at dim 0."""
+    torch.manual_seed(0)
+    fn = make()
+    block = Residual(fn, merge=merge(C))
+    if isinstance(block.merge, LayerScale):
+        _set_gamma(block.merge, C)
+    x = torch.randn(shape)
+    torch.testing.assert_close(block(x), block(x.unsqueeze(0)).squeeze(0))
+
+
+def test_a_lazy_conv_branch_still_gives_its_layout() -> None:
+    """Its channels are unknown until the first forward; that it is channels first is not."""
+    fn = nn.Sequential(nn.LazyConv2d(C, 3, padding=1))
+    block = Residual(fn, merge=LayerScale(C))
+    assert block.merge.layout == "channels_first"
+    gamma = _set_gamma(block.merge, C)
+    x = torch.randn(2, C, 5, C)
+    torch.testing.assert_close(block(x), x + gamma.view(1, C, 1, 1) * fn(x))

@@ -33,7 +33,7 @@ NOT_STRIDED = (
 )
 
 
-def both(c_in: int, c_out: int, stride: int, layout: str, dims: str = "") -> str:
+def both(c_in: int, c_out: int, stride: object, layout: str, dims: str = "") -> str:
     return (
         f'use a "projection" shortcut, shortcut=ProjectionShortcut({c_in}, {c_out}, '
         f"stride={stride}, layout='{layout}'{dims}), or a \"zero_pad\" one (no parameters), "
@@ -72,7 +72,14 @@ CASES = {
         f"read channel-first: {UPSAMPLES}; read channel-last: {NOT_STRIDED}",
     ),
     "two readings, one reason": ((2, 4, 10), (2, 8, 20), UPSAMPLES),
-    "no stride fits": ((2, 4, 9, 9), (2, 4, 3, 5), NOT_STRIDED),
+    # a stride per spatial dim: 9 -> 3 is a stride of 3, 9 -> 5 one of 2
+    "a stride per dim": ((2, 4, 9, 9), (2, 4, 3, 5), both(4, 4, (3, 2), "channels_first")),
+    "a stride per dim, channels last": (
+        (2, 7, 6, 3),
+        (2, 4, 6, 5),
+        both(3, 5, (2, 1), "channels_last"),
+    ),
+    "no stride fits": ((2, 4, 9, 9), (2, 4, 4, 5), NOT_STRIDED),  # ceil(9 / s) is never 4
 }
 
 
@@ -94,3 +101,28 @@ def test_the_suggested_shortcut_fixes_the_block() -> None:
     conv = nn.Conv2d(3, 6, 3, stride=2, padding=1)
     fixed = Residual(conv, shortcut=ProjectionShortcut(3, 6, stride=2, layout="channels_first"))
     assert fixed(torch.randn(2, 3, 7, 8)).shape == (2, 6, 4, 4)
+
+
+def test_the_suggested_stride_per_dim_fixes_the_block() -> None:
+    """A branch with stride (2, 1) that nothing can read: the hint's shortcut runs."""
+    from residual.shortcuts import ProjectionShortcut, ZeroPadShortcut
+
+    class OpaqueConv(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 3, stride=(2, 1), padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x)
+
+    fn, x = OpaqueConv(), torch.randn(2, 3, 7, 8)
+    with pytest.raises(ResidualError) as error:
+        Residual(fn)(x)
+    message = str(error.value)
+    assert "shortcut=ProjectionShortcut(3, 6, stride=(2, 1), layout='channels_first')" in message
+    assert "shortcut=ZeroPadShortcut(3, 6, stride=(2, 1), layout='channels_first')" in message
+    for shortcut in (
+        ProjectionShortcut(3, 6, stride=(2, 1), layout="channels_first"),
+        ZeroPadShortcut(3, 6, stride=(2, 1), layout="channels_first"),
+    ):
+        assert Residual(fn, shortcut=shortcut)(x).shape == (2, 6, 4, 8)

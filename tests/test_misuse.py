@@ -70,6 +70,17 @@ class ReturnsList(nn.Module):
         return [x]
 
 
+class ConvNeXtLike(nn.Module):
+    """A conv branch with its own forward: its output layout cannot be read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(4, 4, 7, padding=3, groups=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dw(x)
+
+
 class Squeeze(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=1, keepdim=True)
@@ -304,15 +315,27 @@ CATALOGUE: list[Misuse] = [
         "a gate whose channels differ from the stream's",
         lambda: Residual(nn.Identity(), merge=HighwayGate(8))(torch.randn(2, 6)),
         ResidualError,
-        r"^HighwayGate: built for 8 channels \(channels_last\), got a branch output of shape "
-        r"\(2, 6\); build it with dim=6 or fix the layout$",
+        r"^HighwayGate: built for 8 channels \(layout not set: read as channels_last\), got a "
+        r"branch output of shape \(2, 6\); if its channels are last \(\.\.\., C\), build it as "
+        r"HighwayGate\(6, layout='channels_last'\)$",
     ),
     Misuse(
         "layerscale-layout",
-        "LayerScale on a channel-first tensor, built channel-last",
+        "LayerScale on a channel-first tensor its block cannot read the layout of",
         lambda: Residual(nn.Identity(), merge=LayerScale(4))(torch.randn(2, 4, 3, 3)),
         ResidualError,
-        "build it with dim=3 or fix the layout",
+        r"if its channels are at dim 1 \(N, C, \*spatial: a conv branch\), build it as "
+        r"LayerScale\(4, layout='channels_first'\); if its channels are last",
+    ),
+    Misuse(
+        "layerscale-opaque-conv",
+        "a LayerScale without a layout beside a conv branch with a custom forward",
+        lambda: Residual(ConvNeXtLike(), merge=LayerScale(4)),
+        ResidualError,
+        r"^Residual: merge LayerScale\(4\) has no layout, and the branch ConvNeXtLike holds "
+        r"convolutions but its output layout cannot be read \(a custom forward\); build it with "
+        r"LayerScale\(4, layout='channels_first'\) for \(N, C, \*spatial\) outputs, or "
+        r"LayerScale\(4, layout='channels_last'\) for \(\.\.\., C\)$",
     ),
     Misuse(
         "merge-no-channel-dim",

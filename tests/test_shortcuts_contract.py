@@ -196,11 +196,11 @@ def test_wrong_channels_first_names_the_class_dim_1_and_the_shape(
         (lambda: LowRankShortcut(4, 2), "LowRankShortcut"),
     ],
 )
-@pytest.mark.parametrize("shape", [(2, 5, 3), (4,)], ids=["wrong-channels", "1-d"])
+@pytest.mark.parametrize("shape", [(2, 5, 3), (3,)], ids=["wrong-channels", "1-d"])
 def test_wrong_channels_last_names_the_class_the_last_dim_and_the_shape(
     make: Callable[[], nn.Module], cls: str, shape: tuple[int, ...]
 ) -> None:
-    """A 1-d input is refused even when its only dim has the right size: no batch dim."""
+    """A 1-d input of the right size is one sample (see below); of another size it is refused."""
     with pytest.raises(ResidualError, match=exactly(
         f"{cls}: expected 4 channels at the last dim (channels_last), got input of shape "
         f"{shape}; check the layout or the in_channels the shortcut was built with"
@@ -574,3 +574,254 @@ def test_a_named_shortcut_in_a_block_matches_the_formula() -> None:
     x = seeded(2, 3, 5, 5)
     expected = zero_pad_by_hand(x, 2, 0, 2, last=False) + block.fn(x)
     torch.testing.assert_close(block(x), expected, atol=0, rtol=0)
+
+
+# --- 8. anisotropic strides: ceil(H / sh), ceil(W / sw) per spatial dim -------------------------
+
+ANISO = {1: (3,), 2: (2, 1), 3: (1, 2, 3)}
+
+
+def subsample_by_hand(x: Tensor, stride: tuple[int, ...], last: bool) -> Tensor:
+    every = tuple(slice(None, None, s) for s in stride)
+    return x[(slice(None), *every, slice(None))] if last else x[(slice(None), slice(None), *every)]
+
+
+def ceil_sizes(sizes: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(-(-h // s) for h, s in zip(sizes, stride, strict=True))
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_a_projection_with_a_stride_per_dim_is_conv_stride_then_batchnorm(dims: int) -> None:
+    stride = ANISO[dims]
+    proj = randomize(ProjectionShortcut(4, 6, stride=stride, spatial_dims=dims))
+    x = seeded(2, 4, *ODD[dims])
+    out = proj(x)
+    assert out.shape == (2, 6, *ceil_sizes(ODD[dims], stride))
+    expected = batch_norm(CONV[dims](x, proj.conv.weight, stride=stride), proj.norm)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    assert proj.extra_repr() == f"4, 6, stride={stride}, layout='channels_first'"
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_a_channels_last_projection_with_a_stride_per_dim_subsamples_each_dim(dims: int) -> None:
+    stride = ANISO[dims]
+    proj = randomize(ProjectionShortcut(4, 6, stride=stride, layout="channels_last"))
+    x = seeded(2, *ODD[dims], 4)
+    expected = subsample_by_hand(x, stride, last=True) @ proj.linear.weight.t()
+    torch.testing.assert_close(proj(x), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_zero_pad_with_a_stride_per_dim(dims: int, layout: Any) -> None:
+    stride = ANISO[dims]
+    last = layout == "channels_last"
+    s = ZeroPadShortcut(3, 5, stride=stride, layout=layout, placement="both")
+    x = seeded(2, *ODD[dims], 3) if last else seeded(2, 3, *ODD[dims])
+    sub = subsample_by_hand(x, stride, last)
+    expected = F.pad(sub, (1, 1)) if last else F.pad(sub, (0, 0) * dims + (1, 1))
+    torch.testing.assert_close(s(x), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_pooled_projection_with_a_stride_per_dim_pools_each_dim(dims: int) -> None:
+    stride = ANISO[dims]
+    proj = randomize(PooledProjectionShortcut(4, 6, stride=stride, spatial_dims=dims))
+    x = seeded(2, 4, *ODD[dims])
+    pooled = AVG_POOL[dims](x, stride, stride, ceil_mode=True, count_include_pad=False)
+    expected = batch_norm(CONV[dims](pooled, proj.conv.weight), proj.norm)
+    out = proj(x)
+    assert out.shape == (2, 6, *ceil_sizes(ODD[dims], stride))
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_a_stride_of_ones_has_no_pool() -> None:
+    assert isinstance(PooledProjectionShortcut(4, 6, stride=(1, 1)).pool, nn.Identity)
+    assert type(resolve_shortcut("auto", in_channels=4, out_channels=4, stride=(1, 1))) is (
+        IdentityShortcut
+    )
+
+
+@pytest.mark.parametrize("cls", ["ProjectionShortcut", "PooledProjectionShortcut"])
+def test_a_stride_tuple_of_the_wrong_length_names_spatial_dims(cls: str) -> None:
+    with pytest.raises(ResidualError, match=exactly(
+        f"{cls}: stride (2, 1) gives one step per spatial dim (2) but spatial_dims=3; "
+        "give 3 steps or build it with spatial_dims=2"
+    )):  # fmt: skip
+        CHANNEL_SHORTCUTS[cls](4, 8, stride=(2, 1), spatial_dims=3)
+    fixed = CHANNEL_SHORTCUTS[cls](4, 8, stride=(2, 1), spatial_dims=2)
+    assert fixed(torch.zeros(2, 4, 5, 5)).shape == (2, 8, 3, 5)
+
+
+@pytest.mark.parametrize("cls", CHANNEL_SHORTCUTS)
+@pytest.mark.parametrize("bad", [(2, 0), (2, 1.5), ()], ids=["zero", "float", "empty"])
+def test_a_stride_tuple_holds_positive_ints(cls: str, bad: tuple[Any, ...]) -> None:
+    with pytest.raises(ResidualError, match=exactly(
+        f"{cls}: stride must be a positive int or a tuple of them (one per spatial dim), "
+        f"got {bad!r}"
+    )):  # fmt: skip
+        CHANNEL_SHORTCUTS[cls](4, 8, stride=bad)
+
+
+def test_zero_pad_with_a_stride_tuple_for_another_rank_says_so() -> None:
+    with pytest.raises(ResidualError, match=exactly(
+        "ZeroPadShortcut: stride (2, 1) gives one step per spatial dim (2) but the input of "
+        "shape (2, 3, 5, 5, 5) has 3 (channels_first); give one step per spatial dim"
+    )):  # fmt: skip
+        ZeroPadShortcut(3, 4, stride=(2, 1))(torch.zeros(2, 3, 5, 5, 5))
+
+
+@pytest.mark.parametrize(
+    ("fn", "shape"),
+    [
+        (nn.Conv2d(4, 8, 3, stride=(2, 1), padding=1), (2, 4, 7, 6)),
+        (nn.Conv1d(4, 8, 3, stride=3, padding=1), (2, 4, 7)),
+        (nn.Conv3d(4, 8, 3, stride=(1, 2, 3), padding=1), (1, 4, 3, 5, 7)),
+        (nn.Sequential(nn.Conv2d(4, 8, 3, stride=(1, 2), padding=1), nn.BatchNorm2d(8),
+                       nn.ReLU(), nn.MaxPool2d((2, 1), ceil_mode=True)), (2, 4, 5, 7)),
+        (nn.Sequential(nn.Conv2d(4, 8, (3, 1), stride=(2, 1), padding=(1, 0))), (2, 4, 7, 6)),
+    ],
+    ids=["conv2d", "conv1d-3", "conv3d", "sequential-with-pool", "kernel-3x1"],
+)  # fmt: skip
+@pytest.mark.parametrize("name", ["projection", "zero_pad", "pooled_projection", "auto"])
+def test_a_branch_with_a_stride_per_dim_gets_its_shortcut(
+    fn: nn.Module, shape: tuple[int, ...], name: str
+) -> None:
+    block = Residual(fn, shortcut=name).eval()
+    x = seeded(*shape)
+    out = block(x)
+    assert out.shape == fn(x).shape
+    torch.testing.assert_close(out, block.shortcut(x) + fn(x), atol=0, rtol=0)
+    assert block.shortcut(x).shape == fn(x).shape
+
+
+# --- 9. unbatched input: what the branch accepts, the shortcut accepts --------------------------
+
+
+@pytest.mark.parametrize(
+    ("fn", "shape"),
+    [
+        (nn.Conv2d(3, 8, 3, padding=1), (3, 5, 4)),
+        (nn.Conv2d(3, 8, 3, stride=2, padding=1), (3, 5, 4)),
+        (nn.Conv1d(3, 8, 3, stride=(2,), padding=1), (3, 7)),
+        (nn.Conv3d(3, 8, 3, stride=(1, 2, 2), padding=1), (3, 3, 5, 4)),
+        (nn.Linear(16, 32), (16,)),
+    ],
+    ids=["conv2d", "conv2d-stride-2", "conv1d", "conv3d", "linear"],
+)
+@pytest.mark.parametrize("name", ["projection", "zero_pad", "pooled_projection", "auto"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_an_unbatched_input_gives_the_batch_of_one(
+    fn: nn.Module, shape: tuple[int, ...], name: str, train: bool
+) -> None:
+    if name == "pooled_projection" and isinstance(fn, nn.Linear):
+        pytest.skip("the pooled projection is channel-first only")
+    torch.manual_seed(0)
+    block = Residual(fn, shortcut=name).train(train)
+    twin = Residual(fn, shortcut=name).train(train)
+    twin.load_state_dict(block.state_dict())
+    x = seeded(*shape)
+    out = block(x)
+    expected = twin(x.unsqueeze(0)).squeeze(0)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    for a, b in zip(block.buffers(), twin.buffers(), strict=True):  # BatchNorm saw the same
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ProjectionShortcut(4, 6, layout="channels_last"),
+        lambda: ZeroPadShortcut(4, 6, layout="channels_last"),
+        lambda: LowRankShortcut(4, 2),
+    ],
+    ids=["projection", "zero_pad", "low_rank"],
+)
+def test_a_channels_last_vector_is_one_sample(make: Callable[[], nn.Module]) -> None:
+    s = randomize(make())
+    x = seeded(4)
+    torch.testing.assert_close(s(x), s(x.unsqueeze(0)).squeeze(0), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("make", "cls"),
+    [
+        (lambda: ProjectionShortcut(4, 8), "ProjectionShortcut"),
+        (lambda: PooledProjectionShortcut(4, 8, stride=2), "PooledProjectionShortcut"),
+        (lambda: ZeroPadShortcut(4, 8, spatial_dims=2), "ZeroPadShortcut"),
+    ],
+)
+def test_an_unbatched_sample_with_wrong_channels_names_dim_0(
+    make: Callable[[], nn.Module], cls: str
+) -> None:
+    with pytest.raises(ResidualError, match=exactly(
+        f"{cls}: expected 4 channels at dim 0 of an unbatched (C, *spatial) sample "
+        "(channels_first, spatial_dims=2), got input of shape (3, 5, 5); check the layout, the "
+        "in_channels the shortcut was built with, or its spatial_dims"
+    )):  # fmt: skip
+        make()(torch.zeros(3, 5, 5))
+
+
+@pytest.mark.parametrize("cls", ["ProjectionShortcut", "PooledProjectionShortcut"])
+@pytest.mark.parametrize(("shape", "fix"), [((2, 4, 3, 5, 5), 3), ((4,), None)])
+def test_an_input_of_another_rank_names_spatial_dims(
+    cls: str, shape: tuple[int, ...], fix: int | None
+) -> None:
+    hint = f"build it with spatial_dims={fix}" if fix else "reshape the input"
+    with pytest.raises(ResidualError, match=exactly(
+        f"{cls}(spatial_dims=2) expects (N, C, *2 spatial) input or one unbatched (C, *2 spatial) "
+        f"sample, got shape {shape}; {hint}"
+    )):  # fmt: skip
+        CHANNEL_SHORTCUTS[cls](4, 8)(torch.zeros(shape))
+    if fix:
+        assert CHANNEL_SHORTCUTS[cls](4, 8, spatial_dims=fix)(torch.zeros(shape)).shape[1] == 8
+
+
+# --- 10. the new paths stay traceable ----------------------------------------------------------
+
+TRACED: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "stride-per-dim-projection": (
+        lambda: Residual(nn.Conv2d(4, 8, 3, stride=(2, 1), padding=1), shortcut="projection"),
+        (2, 4, 7, 6),
+    ),
+    "stride-per-dim-zero-pad": (
+        lambda: Residual(nn.Conv2d(4, 8, 3, stride=(1, 2), padding=1), shortcut="zero_pad"),
+        (2, 4, 7, 6),
+    ),
+    "unbatched-pooled": (
+        lambda: Residual(nn.Conv2d(4, 8, 3, stride=2, padding=1), shortcut="pooled_projection"),
+        (4, 7, 6),
+    ),
+    "unbatched-linear": (lambda: Residual(nn.Linear(4, 8), shortcut="projection"), (4,)),
+}
+
+
+@pytest.mark.parametrize("case", TRACED)
+def test_the_new_paths_trace_with_fx_export_and_compile(case: str) -> None:
+    make, shape = TRACED[case]
+    block = randomize(make())
+    x = seeded(*shape)
+    expected = block(x)
+    traced = torch.fx.symbolic_trace(block)
+    torch.testing.assert_close(traced(x), expected, atol=0, rtol=0)
+    exported = torch.export.export(block, (x,)).module()
+    torch.testing.assert_close(exported(x), expected, atol=1e-6, rtol=1e-6)
+    torch.compiler.reset()  # a fresh cache: the suite compiles many blocks
+    compiled = torch.compile(block, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        nn.LazyConv2d(8, 3, padding=1),
+        nn.LazyLinear(8),
+        nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.LazyConv2d(8, 3, padding=1)),
+    ],
+    ids=["lazy-conv", "lazy-linear", "sequential"],
+)
+@pytest.mark.parametrize("name", ["projection", "auto"])
+def test_a_lazy_branch_asks_for_the_module(fn: nn.Module, name: str) -> None:
+    """A lazy layer's input channels are unknown until its first forward: not read as 0."""
+    with pytest.raises(ResidualError, match=f"^Residual: shortcut {name!r} needs the branch's"):
+        Residual(fn, shortcut=name)

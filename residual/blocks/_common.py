@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from residual._types import DropMode, ModuleFactory
+from residual._types import DropMode, ModuleFactory, Stride
 from residual.shortcuts import resolve_shortcut
 
 
@@ -24,7 +24,7 @@ def conv_shortcut(
     shortcut: str | nn.Module | None,
     in_channels: int,
     out_channels: int,
-    stride: int,
+    stride: Stride,
     spatial_dims: int,
     norm_layer: ModuleFactory | None,
 ) -> nn.Module:

@@ -19,11 +19,17 @@ import torch
 from torch import Tensor, nn
 
 from residual import _branch
-from residual._types import DropMode, ModuleFactory, check_positive_int
+from residual._types import DropMode, ModuleFactory, Stride, check_positive_int
 from residual.blocks._common import conv_shortcut, make_act, residual_options
 from residual.core import Residual
 from residual.errors import ResidualError
-from residual.shortcuts import _BATCH_NORMS, _CONVS, _check_spatial_dims, is_identity
+from residual.shortcuts import (
+    _BATCH_NORMS,
+    _CONVS,
+    _check_spatial_dims,
+    _check_stride,
+    is_identity,
+)
 
 __all__ = ["Bottleneck", "PreActBlock", "ResidualBlock"]
 
@@ -34,7 +40,7 @@ def _conv3x3(
     spatial_dims: int,
     in_channels: int,
     out_channels: int,
-    stride: int = 1,
+    stride: Stride = 1,
     groups: int = 1,
     dilation: int = 1,
 ) -> nn.Module:
@@ -98,11 +104,10 @@ def _resolve_dims(
 
 
 def _check_channels(
-    caller: str, in_channels: int, out_channels: int, stride: int, out_name: str = "out_channels"
+    caller: str, in_channels: int, out_channels: int, out_name: str = "out_channels"
 ) -> None:
     check_positive_int(caller, "in_channels", in_channels)
     check_positive_int(caller, out_name, out_channels)
-    check_positive_int(caller, "stride", stride)
 
 
 def _zero_norm(norm: nn.Module) -> None:
@@ -121,7 +126,9 @@ class ResidualBlock(_ConvBlock):
     Args:
         in_channels: input channels.
         out_channels: output channels.
-        stride: stride of the first conv (and of the shortcut).
+        stride: stride of the first conv (and of the shortcut): an int, or one per spatial dim
+            (``(2, 1)`` halves H and keeps W, as CRNN-style ResNets); each dim gives
+            ``ceil(size / stride)``.
         shortcut: None picks identity when ``stride == 1`` and the channels match, else a
             conv1x1 + BN projection; or a name (``"zero_pad"`` is the ResNet paper's option A)
             or a module.
@@ -146,6 +153,8 @@ class ResidualBlock(_ConvBlock):
     (torch.Size([2, 32, 4, 4]), 13952)
     >>> ResidualBlock(16, 32, stride=2, spatial_dims=1)(torch.randn(2, 16, 9)).shape
     torch.Size([2, 32, 5])
+    >>> ResidualBlock(16, 32, stride=(2, 1))(torch.randn(2, 16, 7, 7)).shape
+    torch.Size([2, 32, 4, 7])
     >>> isinstance(block, Residual)
     True
     """
@@ -154,7 +163,7 @@ class ResidualBlock(_ConvBlock):
         self,
         in_channels: int,
         out_channels: int,
-        stride: int = 1,
+        stride: Stride = 1,
         *,
         shortcut: str | nn.Module | None = None,
         spatial_dims: int = 2,
@@ -165,8 +174,9 @@ class ResidualBlock(_ConvBlock):
         drop_mode: DropMode = "row",
         checkpoint: bool = False,
     ) -> None:
-        _check_channels("ResidualBlock", in_channels, out_channels, stride)
+        _check_channels("ResidualBlock", in_channels, out_channels)
         dims, norm = _resolve_dims("ResidualBlock", spatial_dims, norm_layer)
+        stride = _check_stride("ResidualBlock", stride, dims)
         last_norm = norm(out_channels)
         if zero_init_residual:
             _zero_norm(last_norm)
@@ -208,7 +218,7 @@ class Bottleneck(_ConvBlock):
         self,
         in_channels: int,
         planes: int,
-        stride: int = 1,
+        stride: Stride = 1,
         *,
         groups: int = 1,
         base_width: int = 64,
@@ -223,12 +233,13 @@ class Bottleneck(_ConvBlock):
         drop_mode: DropMode = "row",
         checkpoint: bool = False,
     ) -> None:
-        _check_channels("Bottleneck", in_channels, planes, stride, "planes")
+        _check_channels("Bottleneck", in_channels, planes, "planes")
         check_positive_int("Bottleneck", "groups", groups)
         check_positive_int("Bottleneck", "base_width", base_width)
         check_positive_int("Bottleneck", "expansion", expansion)
         check_positive_int("Bottleneck", "dilation", dilation)
         dims, norm = _resolve_dims("Bottleneck", spatial_dims, norm_layer)
+        stride = _check_stride("Bottleneck", stride, dims)
         width = int(planes * (base_width / 64.0)) * groups
         out_channels = planes * expansion
         last_norm = norm(out_channels)
@@ -275,7 +286,7 @@ class PreActBlock(_ConvBlock):
         self,
         in_channels: int,
         out_channels: int,
-        stride: int = 1,
+        stride: Stride = 1,
         *,
         shortcut: str | nn.Module | None = None,
         spatial_dims: int = 2,
@@ -286,8 +297,9 @@ class PreActBlock(_ConvBlock):
         drop_mode: DropMode = "row",
         checkpoint: bool = False,
     ) -> None:
-        _check_channels("PreActBlock", in_channels, out_channels, stride)
+        _check_channels("PreActBlock", in_channels, out_channels)
         dims, norm = _resolve_dims("PreActBlock", spatial_dims, norm_layer)
+        stride = _check_stride("PreActBlock", stride, dims)
         short = conv_shortcut(shortcut, in_channels, out_channels, stride, dims, None)
         preact = OrderedDict(bn1=norm(in_channels), act1=make_act(act_layer))
         last_conv = _conv3x3(dims, out_channels, out_channels)
