@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from residual import _branch
 from residual._checkpoint import call_branch
+from residual._dims import read_branch_spatial_dims
 from residual.errors import ResidualError
 
 __all__ = [
@@ -184,43 +185,34 @@ class SampleAxis:
         return t if self.streams == 1 else torch.cat([t] * self.streams, self.dim)
 
 
-_CONVS = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
-
-
 def read_sample_axis(fn: nn.Module) -> SampleAxis:
     """The sample axis that a branch's own layout states, else dim 0 (always batched).
 
     Read where it is certain: a module with a bool ``batch_first`` (torch's RNN, LSTM, GRU,
     ``nn.MultiheadAttention``, ``nn.Transformer*``; its attention's for a Transformer layer)
-    takes ``(N, L, E)`` or ``(L, N, E)`` and unbatched ``(L, E)``; a conv takes ``(N, C,
-    *spatial)`` and unbatched ``(C, *spatial)``; an ``nn.Sequential`` takes what its first
-    module takes; a residual block what its own ``sample_axis`` says.
+    takes ``(N, L, E)`` or ``(L, N, E)`` and unbatched ``(L, E)``; a branch whose convs or
+    pools fix its spatial dims takes ``(N, C, *spatial)`` and unbatched ``(C, *spatial)``; an
+    ``nn.Sequential`` takes what its first module takes; a residual block what its own
+    ``sample_axis`` says.
 
     >>> from torch import nn
     >>> read_sample_axis(nn.LSTM(8, 8))  # batch_first=False: (L, N, E)
     SampleAxis(dim=1, batched_ndim=3, streams=1)
-    >>> read_sample_axis(nn.Conv2d(3, 8, 3))
+    >>> read_sample_axis(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
     SampleAxis(dim=0, batched_ndim=4, streams=1)
     """
-    found = getattr(fn, "sample_axis", None)
+    first = fn
+    while isinstance(first, nn.Sequential) and len(first):
+        first = first[0]
+    found = getattr(first, "sample_axis", None)
     if isinstance(found, SampleAxis):
         return found
-    if isinstance(fn, nn.Sequential):
-        return read_sample_axis(fn[0]) if len(fn) else SampleAxis()
-    for owner in (fn, getattr(fn, "self_attn", None)):
+    for owner in (first, getattr(first, "self_attn", None)):
         batch_first = getattr(owner, "batch_first", None)
         if isinstance(owner, nn.Module) and isinstance(batch_first, bool):
             return SampleAxis(0 if batch_first else 1, batched_ndim=3)
-    if isinstance(fn, _CONVS):
-        return SampleAxis(0, batched_ndim=len(fn.kernel_size) + 2)
-    return SampleAxis()
+    spatial = read_branch_spatial_dims(fn)
+    return SampleAxis(0, batched_ndim=spatial + 2) if spatial else SampleAxis()
 
 
 def returns_tuple(fn: nn.Module) -> bool:

@@ -17,6 +17,11 @@ Deliberate differences (each test below is marked with the reason):
   tracer, so a model's graph shows one node for it. ``Residual`` is traced through on purpose:
   its parts (branch, shortcut, merge, the drop) are graph nodes, so feature extraction can tap
   the branch output or the merge (see tests/test_fx.py).
+* ``SKIP_TRACE``: a training-mode ``"batch"`` drop decides at run time whether the branch
+  runs; a ``torch.fx`` trace through it would freeze that draw into the graph, so tracing it
+  raises an error naming the fixes (trace in eval mode, ``"row"``, or ``torch.compile`` /
+  ``torch.export``, which record the skip as a ``torch.cond``). torchvision's leaf node draws
+  at run time; ours is traced through (``LEAF``), so the train-mode graph is refused.
 * ``STREAM``: mode ``"batch"`` draws from a counter-based hash of a seed that
   ``torch.manual_seed`` sets, not from ``torch.bernoulli``: the same pattern eager and compiled
   and on every DDP rank, but not torchvision's numbers. torchvision's fixed seeds were checked
@@ -133,14 +138,19 @@ class TestStochasticDepth:
         elif p == 1:
             assert out.equal(torch.zeros_like(x))
 
+    def test_is_leaf_node_batch_mode_refuses_the_training_trace(self) -> None:
+        # test_is_leaf_node at p = 1, mode "batch" (SKIP_TRACE): the train-mode trace is refused
+        op_obj = self.make_obj(1, "batch", wrap=True)
+        with pytest.raises(TypeError, match=r"symbolic_trace cannot record.*model\.eval\(\)"):
+            get_graph_node_names(op_obj)
+
     def make_obj(self, p: float, mode: str, wrap: bool = False) -> nn.Module:
         # Source: pytorch/vision test/test_ops.py, TestStochasticDepth.make_obj
         obj = StochasticDepth(p, mode)
         return StochasticDepthWrapper(obj) if wrap else obj
 
     @pytest.mark.xfail(strict=True, raises=AssertionError, reason=LEAF)
-    @pytest.mark.parametrize("p", (0, 1))
-    @pytest.mark.parametrize("mode", ["batch", "row"])
+    @pytest.mark.parametrize("p, mode", [(0, "batch"), (0, "row"), (1, "row")])
     def test_is_leaf_node(self, p: float, mode: str) -> None:
         # Source: pytorch/vision test/test_ops.py, TestStochasticDepth.test_is_leaf_node
         op_obj = self.make_obj(p, mode, wrap=True)
