@@ -121,10 +121,10 @@ class Residual(nn.Module):
         sample_axis: int | SampleAxis | None = None,
     ) -> None:
         super().__init__()
+        check_module("Residual", "fn", fn)
         self.sample_axis = (
             read_sample_axis(fn) if sample_axis is None else SampleAxis.of(sample_axis)
         )
-        check_module("Residual", "fn", fn)
         self.fn = fn
         self.shortcut = shortcut_for(shortcut, fn)
         for name, part in (("merge", merge), ("post", post), ("pre", pre)):
