@@ -352,6 +352,26 @@ def _read_checkpoint(folder: Path) -> tuple[dict[str, Any], bytes]:
     )
 
 
+def _cast_like(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Give each floating parameter and buffer of ``model`` the dtype of its saved tensor.
+
+    A parameter shared by several modules (tied weights) stays one parameter.
+    """
+    cast: dict[int, torch.Tensor] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for name, t in own:
+            saved = tensors.get(f"{prefix}.{name}" if prefix else name)
+            if saved is None or not saved.is_floating_point() or saved.dtype == t.dtype:
+                continue
+            if id(t) not in cast:
+                new = t.detach().to(saved.dtype)
+                if isinstance(t, nn.Parameter):
+                    new = nn.Parameter(new, requires_grad=t.requires_grad)
+                cast[id(t)] = new
+            setattr(module, name, cast[id(t)])
+
+
 def load_pretrained(
     path: str | os.PathLike[str],
     *,
@@ -400,8 +420,10 @@ def load_pretrained(
     floats = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(floats) == 1:  # a bfloat16 / float16 / float64 model comes back in its dtype
         model = model.to(next(iter(floats)))
-    try:  # mixed precision: each tensor keeps the dtype it was saved in
-        model.load_state_dict(tensors, strict=True, assign=len(floats) > 1)
+    else:  # mixed precision: each tensor in the dtype it was saved in
+        _cast_like(model, tensors)
+    try:
+        model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise ResidualError(
             f"load_pretrained: the weights in {weights_path} do not fit "

@@ -479,3 +479,24 @@ def test_a_mixed_precision_model_keeps_each_dtype(tmp_path: Path) -> None:
     }
     x = torch.randn(3, 4, dtype=torch.bfloat16)
     assert torch.equal(again(x), model.eval()(x))
+
+
+def test_mixed_precision_keeps_tied_weights_tied(tmp_path: Path) -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.out = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.out.weight = self.inp.weight
+            self.norm = nn.LayerNorm(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(self.out(self.inp(x).to(self.norm.weight.dtype)).float())
+
+    model = Tied()
+    model.inp.to(torch.bfloat16)
+    model.out.bias.data = model.out.bias.data.bfloat16()
+    save_pretrained(model, tmp_path, builder="Tied", builders={"Tied": Tied})
+    again = load_pretrained(tmp_path, builders={"Tied": Tied})
+    assert again.out.weight is again.inp.weight
+    assert again.inp.weight.dtype == torch.bfloat16 and again.norm.weight.dtype == torch.float32
+    assert torch.equal(again.inp.weight, model.inp.weight)
