@@ -500,3 +500,28 @@ def test_mixed_precision_keeps_tied_weights_tied(tmp_path: Path) -> None:
     assert again.out.weight is again.inp.weight
     assert again.inp.weight.dtype == torch.bfloat16 and again.norm.weight.dtype == torch.float32
     assert torch.equal(again.inp.weight, model.inp.weight)
+
+
+def test_a_load_racing_a_save_reads_a_whole_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save completes between the load's read of the config and its read of the weights.
+
+    The weights then belong to the next config: the load reads both again rather than refuse.
+    """
+    folder = tmp_path / "ckpt"
+    old, new = _tiny(1), _tiny(2)
+    _save_tiny(old, folder)
+    real = Path.read_text
+    saved = []
+
+    def read_then_save(self: Path, *args: Any, **kwargs: Any) -> str:
+        text = real(self, *args, **kwargs)
+        if self.name == CONFIG_NAME and not saved:
+            saved.append(True)
+            _save_tiny(new, folder)  # another process saves right after we read the config
+        return text
+
+    monkeypatch.setattr(Path, "read_text", read_then_save)
+    assert _same_weights(_load_tiny(folder), new)
+    assert saved
