@@ -12,7 +12,8 @@ Works on any model made of :class:`~residual.Residual` blocks (plain ones, built
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,43 @@ def _first_tensor(out: Any) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+@contextlib.contextmanager
+def _left_as_found(model: nn.Module, inputs: Tensor) -> Iterator[None]:
+    """Restore on exit what a forward and backward of ``model`` change.
+
+    Every buffer's value (BatchNorm statistics and counters, stochastic depth's step, the
+    non-persistent ones too), every module's train/eval flag, every parameter's ``.grad``,
+    the global random generators of the devices in use (CPU always), and the grad mode.
+    """
+    buffers = [
+        (m, name, b, b.detach().clone())
+        for m in model.modules()
+        for name, b in m.named_buffers(recurse=False)
+    ]
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.grad) for p in model.parameters()]
+    tensors = [*model.parameters(), *model.buffers(), inputs]
+    devices: dict[str, set[int]] = {}
+    for t in tensors:
+        if t.device.type != "cpu":
+            devices.setdefault(t.device.type, set()).add(t.device.index or 0)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=[]))  # the CPU generator
+        for kind, indices in devices.items():
+            stack.enter_context(torch.random.fork_rng(devices=sorted(indices), device_type=kind))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for m, name, b, value in buffers:
+                    b.copy_(value)
+                    setattr(m, name, b)  # the same tensor object, in case one was reassigned
+            for m, training in modes:
+                m.training = training
+            for p, g in grads:
+                p.grad = g
+
+
 def gradient_flow(
     model: nn.Module,
     inputs: Tensor,
@@ -68,8 +106,16 @@ def gradient_flow(
 ) -> DepthProfile:
     """Run one forward and backward pass and read the norms of every block.
 
+    The model runs in the mode it is in (training: batch statistics, dropout, stochastic
+    depth). A diagnosis changes nothing: the model's buffers (BatchNorm statistics, stochastic
+    depth's step), train/eval flags, ``.grad`` s and ``requires_grad`` flags, the caller's
+    ``inputs`` and the global random generators are as they were before the call, so two
+    calls give the same profile and training continues as if none had been made. It runs
+    under ``torch.no_grad()`` too, and on a frozen model (the gradient still reaches the
+    input).
+
     Args:
-        model: the network; its existing ``.grad`` s are left as they were.
+        model: the network.
         inputs: a batch.
         target: labels for ``loss_fn`` (cross-entropy by default); without a target the loss
             is the mean square of the output.
@@ -110,34 +156,36 @@ def gradient_flow(
             outputs[i] = t
 
         handles.append(block.register_forward_hook(keep))
-    saved = {p: p.grad for p in model.parameters()}
+    if inputs.is_floating_point() or inputs.is_complex():  # the gradient reaches the input
+        inputs = inputs.detach().requires_grad_()  # even in a frozen model; not the caller's
     try:
-        for p in model.parameters():
-            p.grad = None
-        out = _first_tensor(model(inputs))
-        if target is not None:
-            loss = (loss_fn or nn.functional.cross_entropy)(out, target)
-        else:
-            loss = out.float().square().mean()
-        loss.backward()
-        profile = DepthProfile(loss=loss.item())
-        for i, block in enumerate(chosen):
-            t = outputs[i]
-            grads = [p.grad for p in block.parameters() if p.grad is not None]
-            profile.names.append(names_of.get(block, f"block{i}"))
-            profile.output_grad_norms.append(float(t.grad.norm()) if t.grad is not None else 0.0)
-            profile.param_grad_norms.append(
-                float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
-                if grads
-                else 0.0
-            )
-            profile.activation_norms.append(float(t.detach().float().square().mean().sqrt()))
-        return profile
+        with _left_as_found(model, inputs), torch.enable_grad():
+            for p in model.parameters():
+                p.grad = None
+            out = _first_tensor(model(inputs))
+            if target is not None:
+                loss = (loss_fn or nn.functional.cross_entropy)(out, target)
+            else:
+                loss = out.float().square().mean()
+            loss.backward()
+            profile = DepthProfile(loss=loss.item())
+            for i, block in enumerate(chosen):
+                t = outputs[i]
+                grads = [p.grad for p in block.parameters() if p.grad is not None]
+                profile.names.append(names_of.get(block, f"block{i}"))
+                profile.output_grad_norms.append(
+                    float(t.grad.norm()) if t.grad is not None else 0.0
+                )
+                profile.param_grad_norms.append(
+                    float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+                    if grads
+                    else 0.0
+                )
+                profile.activation_norms.append(float(t.detach().float().square().mean().sqrt()))
+            return profile
     finally:
         for h in handles:
             h.remove()
-        for p, g in saved.items():
-            p.grad = g
 
 
 def plot_gradient_flow(

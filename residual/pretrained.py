@@ -7,11 +7,17 @@ the script that trained it. Builders are the public names of :mod:`residual.mode
 :mod:`residual.blocks`, plus any the caller passes as ``builders={"name": callable}``. Nothing
 is unpickled and nothing is imported by name from the file.
 
-Each file is written durably: to a temporary file in the same folder, flushed and fsynced,
-given mode 0644, renamed into place with ``os.replace`` and the folder fsynced, so that a
-crash leaves the old file or the new one, never half of one. ``config.json`` is written last
-and records the SHA-256 of the weights, so that a folder whose weights do not belong to its
-config (a torn overwrite, a corrupted copy) is refused.
+Saving is atomic at the folder level: the complete new checkpoint is first written, flushed
+and fsynced into a hidden subfolder (``.residual-save-*``) of the target; only then are its
+two files renamed over the old ones, weights first, config last, and the subfolder removed.
+Until the new checkpoint is complete the old one is untouched; an error while renaming puts
+the old weights back. A crash between the two renames leaves the new weights beside the old
+config, and the new config in the subfolder: :func:`load_pretrained` finds it there (it
+matches the weights' SHA-256) and loads the new model, and the next save cleans up. The
+folder itself is never renamed or replaced, so other files in it stay, and a mount point,
+the working directory or a folder whose parent is read-only can be saved into.
+``config.json`` records the SHA-256 of the weights, so that a folder whose weights do not
+belong to its config (a corrupted or partial copy) is refused.
 
 ``safetensors`` comes with the ``io`` extra: ``pip install "pytorch-residual[io]"``.
 
@@ -31,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -91,26 +98,95 @@ def _resolve(caller: str, name: object, extra: Mapping[str, Builder] | None) -> 
     return known[name]
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    """Temporary file in the same folder, flush + fsync, mode 0644, rename, fsync the folder."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+_JOURNAL_PREFIX = ".residual-save-"
+_COMMIT = "commit.json"  # a second copy of the new config: the one renamed into the folder
+_PREVIOUS = {WEIGHTS_NAME: "previous.safetensors", CONFIG_NAME: "previous.json"}
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (POSIX; elsewhere renames are as durable as that)."""
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            os.fsync(dir_fd)
+            os.fsync(fd)
         finally:
-            os.close(dir_fd)
+            os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write, flush and fsync ``data`` to the new file ``path``, mode 0644."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(path, 0o644)  # whatever the umask: readable by all, like any file you save
+
+
+def _keep_previous(folder: Path, journal: Path) -> None:
+    """Keep the old files in the journal (hard links; copies where links are not allowed)."""
+    for name, kept in _PREVIOUS.items():
+        old = folder / name
+        if old.is_file():
+            try:
+                os.link(old, journal / kept)
+            except OSError:
+                shutil.copyfile(old, journal / kept)
+
+
+def _put_back(folder: Path, journal: Path, name: str) -> None:
+    """The old file ``name`` back in ``folder`` (or none, where there was none)."""
+    kept = journal / _PREVIOUS[name]
+    if kept.exists():
+        os.replace(kept, folder / name)
+    else:
+        os.remove(folder / name)
+
+
+def _commit(folder: Path, weights: bytes, config: bytes) -> None:
+    """Replace the checkpoint in ``folder`` by (weights, config); the old one until it is whole.
+
+    1. the new files are written and fsynced in a fresh journal subfolder, itself fsynced,
+       and the old ones linked into it;
+    2. the weights are renamed over the old ones, the folders fsynced;
+    3. a copy of the config is renamed over the old one, the folder fsynced: the new
+       checkpoint is in;
+    4. the journal and any left by an earlier interrupted save are removed.
+
+    An error in 1 leaves the folder as it was; an error in 2 or 3 puts the old files back.
+    Killed between 2 and 3 (or while putting them back), the folder holds the new weights,
+    whose config the journal holds: :func:`load_pretrained` reads it there.
+    """
+    journal = Path(tempfile.mkdtemp(dir=folder, prefix=_JOURNAL_PREFIX))
+    weights_in = config_in = False
+    try:
+        _write_file(journal / WEIGHTS_NAME, weights)
+        _write_file(journal / CONFIG_NAME, config)
+        _write_file(journal / _COMMIT, config)
+        _keep_previous(folder, journal)
+        _fsync_folder(journal)
+        try:
+            os.replace(journal / WEIGHTS_NAME, folder / WEIGHTS_NAME)
+            weights_in = True
+            _fsync_folder(folder)
+            _fsync_folder(journal)
+            os.replace(journal / _COMMIT, folder / CONFIG_NAME)
+            config_in = True
+            _fsync_folder(folder)
+        except BaseException:
+            if config_in:
+                _put_back(folder, journal, CONFIG_NAME)
+                config_in = False
+            if weights_in:
+                _put_back(folder, journal, WEIGHTS_NAME)
+                weights_in = False
+            _fsync_folder(folder)
+            raise
+    finally:
+        if not weights_in or config_in:  # the folder does not need the journal's config
+            shutil.rmtree(journal, ignore_errors=True)
+    for stale in folder.glob(_JOURNAL_PREFIX + "*"):  # earlier interrupted saves: now moot
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def save_pretrained(
@@ -130,7 +206,8 @@ def save_pretrained(
 
     Args:
         model: the module to save (its state_dict: parameters and persistent buffers).
-        path: the folder; created if missing, its two files replaced atomically.
+        path: the folder; created if missing. The old checkpoint in it is replaced atomically
+            (see the module's docstring); other files in it are left alone.
         builder: a public name of :mod:`residual.models` or :mod:`residual.blocks`
             (``"cifar_resnet"``, ``"PatchTransformer"``, ``"ResidualBlock"``, ...) or a key of
             ``builders``.
@@ -184,9 +261,7 @@ def save_pretrained(
     }
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_durably(folder / WEIGHTS_NAME, weights)
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _write_durably(folder / CONFIG_NAME, text.encode())
+    _commit(folder, weights, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _version() -> str:
@@ -216,8 +291,8 @@ def _check_builds(
         )
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
-    config_path = folder / CONFIG_NAME
+def _read_config(folder: Path, config_path: Path | None = None) -> dict[str, Any]:
+    config_path = config_path or folder / CONFIG_NAME
     if not folder.is_dir():
         raise FileNotFoundError(f"load_pretrained: {folder} is not a folder")
     if not config_path.is_file():
@@ -244,6 +319,59 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
+def _interrupted_config(folder: Path, sha: str) -> dict[str, Any] | None:
+    """The config of a save interrupted after its weights were renamed in, if it is there."""
+    for journal in sorted(folder.glob(_JOURNAL_PREFIX + "*")):
+        path = journal / CONFIG_NAME
+        try:
+            config = _read_config(folder, path)
+        except (OSError, ResidualError):
+            continue
+        if config.get("sha256") == sha:
+            return config
+    return None
+
+
+def _read_checkpoint(folder: Path) -> tuple[dict[str, Any], bytes]:
+    """The config and the weights bytes that belong together (see :func:`_commit`)."""
+    weights_path = folder / WEIGHTS_NAME
+    for _ in range(3):  # a save may rename files between our two reads: read again
+        config = _read_config(folder)
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"load_pretrained: {weights_path} is missing")
+        data = weights_path.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        if sha == config.get("sha256"):
+            return config, data
+        pending = _interrupted_config(folder, sha)
+        if pending is not None:
+            return pending, data
+    raise ResidualError(
+        f"load_pretrained: {weights_path} does not match the SHA-256 in {CONFIG_NAME} (a "
+        "corrupted or partial copy, or weights from another save); copy the folder again"
+    )
+
+
+def _cast_like(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Give each floating parameter and buffer of ``model`` the dtype of its saved tensor.
+
+    A parameter shared by several modules (tied weights) stays one parameter.
+    """
+    cast: dict[int, torch.Tensor] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for name, t in own:
+            saved = tensors.get(f"{prefix}.{name}" if prefix else name)
+            if saved is None or not saved.is_floating_point() or saved.dtype == t.dtype:
+                continue
+            if id(t) not in cast:
+                new = t.detach().to(saved.dtype)
+                if isinstance(t, nn.Parameter):
+                    new = nn.Parameter(new, requires_grad=t.requires_grad)
+                cast[id(t)] = new
+            setattr(module, name, cast[id(t)])
+
+
 def load_pretrained(
     path: str | os.PathLike[str],
     *,
@@ -253,7 +381,9 @@ def load_pretrained(
     """Rebuild the model saved by :func:`save_pretrained` in the folder ``path``.
 
     Reads ``config.json``, builds ``builder(**kwargs)``, checks the weights' SHA-256, loads
-    ``model.safetensors`` strictly (every key, every shape) and returns the model in eval mode.
+    ``model.safetensors`` strictly (every key, every shape) and returns the model in eval mode,
+    in the dtype its weights were saved in (a model saved in bfloat16 comes back in bfloat16;
+    one saved in mixed precision with each tensor's own dtype).
 
     Args:
         path: the folder.
@@ -279,22 +409,19 @@ def load_pretrained(
     """
     st = _safetensors_torch()
     folder = Path(path)
-    config = _read_config(folder)
-    build = _resolve("load_pretrained", config.get("builder"), builders)
     weights_path = folder / WEIGHTS_NAME
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"load_pretrained: {weights_path} is missing")
-    data = weights_path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != config.get("sha256"):
-        raise ResidualError(
-            f"load_pretrained: {weights_path} does not match the SHA-256 in {CONFIG_NAME} (a "
-            "corrupted or partial copy, or weights from another save); copy the folder again"
-        )
+    config, data = _read_checkpoint(folder)
+    build = _resolve("load_pretrained", config.get("builder"), builders)
     try:
         tensors = st.load(data)
     except Exception as e:  # safetensors raises its own error type for a malformed header
         raise ResidualError(f"load_pretrained: {weights_path} is not readable ({e})") from e
     model = build(**config["kwargs"])
+    floats = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if len(floats) == 1:  # a bfloat16 / float16 / float64 model comes back in its dtype
+        model = model.to(next(iter(floats)))
+    else:  # mixed precision: each tensor in the dtype it was saved in
+        _cast_like(model, tensors)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from residual import _branch
 from residual._checkpoint import FrozenNormStats
 from residual._dims import read_branch_dims
 from residual._types import Layout, check_layout
@@ -52,6 +53,32 @@ class _RngState:
             if self.cuda is not None:
                 torch.cuda.set_rng_state(self.cuda, self.device)
             return fn(x)
+
+
+def _split(x: Tensor, dim: int, layout: str) -> tuple[Tensor, Tensor]:
+    """The two channel halves of ``x``; raise on an odd channel count (an FX leaf: reads shapes)."""
+    channels = x.shape[dim]
+    with _branch.shape_checks():  # quiet under torch.jit.trace: a check, not a computation
+        odd = bool(channels % 2)
+    if odd:
+        raise ResidualError(
+            f"Reversible: the stream has {channels} channels ({layout}, shape "
+            f"{tuple(x.shape)}); a reversible split needs an even count"
+        )
+    a, b = x.chunk(2, dim=dim)
+    return a, b
+
+
+def _check_half(name: str, out: Tensor, like: Tensor) -> Tensor:
+    """``out``; raise unless it has the shape of the half ``like`` (an FX leaf: reads shapes)."""
+    with _branch.shape_checks():
+        differs = out.shape != like.shape
+    if differs:
+        raise ResidualError(
+            f"Reversible: {name} turned a half of shape {tuple(like.shape)} into "
+            f"{tuple(out.shape)}; both functions must keep the shape"
+        )
+    return out
 
 
 class Reversible(nn.Module):
@@ -90,22 +117,10 @@ class Reversible(nn.Module):
         self.dim = 1 if layout == "channels_first" else -1
 
     def _halves(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        channels = x.shape[self.dim]
-        if channels % 2:
-            raise ResidualError(
-                f"Reversible: the stream has {channels} channels ({self.layout}, shape "
-                f"{tuple(x.shape)}); a reversible split needs an even count"
-            )
-        a, b = x.chunk(2, dim=self.dim)
-        return a, b
+        return _split(x, self.dim, self.layout)
 
     def _checked(self, name: str, out: Tensor, like: Tensor) -> Tensor:
-        if out.shape != like.shape:
-            raise ResidualError(
-                f"Reversible: {name} turned a half of shape {tuple(like.shape)} into "
-                f"{tuple(out.shape)}; both functions must keep the shape"
-            )
-        return out
+        return _check_half(name, out, like)
 
     def forward(self, x: Tensor) -> Tensor:
         x1, x2 = self._halves(x)
@@ -277,6 +292,26 @@ class _ReversibleFunction(torch.autograd.Function):
         return (dy, None, *grads)
 
 
+def _run_blocks(x: Tensor, blocks: nn.ModuleList) -> Tensor:
+    """The stack's forward: reversible in training with grad enabled, a plain loop otherwise.
+
+    An FX leaf: the choice is made when the traced graph runs (by the mode of ``blocks``, which
+    ``.train()`` / ``.eval()`` of the traced module sets, and the grad mode), not when tracing.
+    """
+    if not (blocks.training and torch.is_grad_enabled()):
+        for block in blocks:
+            x = block(x)
+        return x
+    params = [p for p in blocks.parameters() if p.requires_grad]
+    out: Tensor = _ReversibleFunction.apply(x, list(blocks), *params)
+    return out
+
+
+torch.fx.wrap("_split")
+torch.fx.wrap("_check_half")
+torch.fx.wrap("_run_blocks")
+
+
 class ReversibleSequence(nn.Module):
     """A stack of :class:`Reversible` blocks whose training memory does not grow with depth.
 
@@ -310,13 +345,7 @@ class ReversibleSequence(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (self.training and torch.is_grad_enabled()):
-            for block in self.blocks:
-                x = block(x)
-            return x
-        params = [p for p in self.parameters() if p.requires_grad]
-        out: Tensor = _ReversibleFunction.apply(x, list(self.blocks), *params)
-        return out
+        return _run_blocks(x, self.blocks)
 
     def inverse(self, y: Tensor) -> Tensor:
         """Recover the input from the output, block by block in reverse."""

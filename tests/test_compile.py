@@ -125,3 +125,69 @@ def test_lstm_models_break_the_graph_by_design() -> None:
     else:  # a torch that learns to trace LSTMs: then the docs' caveat can go
         pytest.skip("this torch traces nn.LSTM without graph breaks")
     assert "fullgraph=True" in (ResidualLSTM.__doc__ or "")
+
+
+def _checkpointed_mlp(p: float) -> Residual:
+    branch = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Dropout(p), nn.Tanh())
+    return Residual(branch, checkpoint=True)
+
+
+@pytest.mark.parametrize("fullgraph", [True, False], ids=["fullgraph", "breaks-allowed"])
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_checkpointed_branch_compiles_and_matches_eager(backend: str, fullgraph: bool) -> None:
+    """Outputs, gradients and BatchNorm statistics equal the plain (unchecked) eager block's.
+
+    Dropout is on where the compiled graph draws eager's random numbers (inductor draws its own).
+    Before: "eager" raised autograd's in-place error (the counter), inductor refused the context.
+    """
+    torch._dynamo.reset()
+    model = _checkpointed_mlp(0.0 if backend == "inductor" else 0.3)
+    plain = copy.deepcopy(model)
+    plain.checkpoint = False
+    compiled = torch.compile(model, backend=backend, fullgraph=fullgraph)
+    for step in range(3):
+        x = torch.randn(8, 6)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        torch.manual_seed(step)
+        ya = plain(xa)
+        ya.square().sum().backward()
+        torch.manual_seed(step)
+        yb = compiled(xb)
+        yb.square().sum().backward()
+        torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(xb.grad, xa.grad, atol=1e-5, rtol=1e-5)
+    for (name, pa), pb in zip(plain.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(pb.grad, pa.grad, atol=1e-4, rtol=1e-4, msg=name)
+    for (name, a), b in zip(plain.named_buffers(), model.buffers(), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6, msg=name)
+    assert int(model.fn[1].num_batches_tracked) == 3  # once per step, not twice
+
+
+def test_checkpointed_branch_is_one_recomputed_region_when_compiled() -> None:
+    """Dynamo keeps the checkpoint: the branch is a region AOTAutograd recomputes in backward."""
+    torch._dynamo.reset()
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
+        graphs.append(gm)
+        return gm
+
+    model = _checkpointed_mlp(0.0)
+    torch.compile(model, backend=backend, fullgraph=True)(torch.randn(8, 6, requires_grad=True))
+    (graph,) = graphs
+    targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    assert any("tag_activation_checkpoint" in t for t in targets), targets
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_compiled_checkpoint_replays_the_dropout_mask(backend: str) -> None:
+    """The recomputation uses the forward's mask: the gradient of ``x + drop(W x)`` by hand."""
+    torch._dynamo.reset()
+    block = Residual(nn.Sequential(nn.Linear(6, 6, bias=False), nn.Dropout(0.5)), checkpoint=True)
+    x = torch.randn(16, 6, requires_grad=True)
+    y = torch.compile(block, backend=backend, fullgraph=True)(x)
+    y.sum().backward()
+    kept = ((y - x) != 0).detach().to(x.dtype)  # the mask the forward drew (times 1 / keep)
+    weight = block.fn[0].weight
+    torch.testing.assert_close(x.grad, 1 + (2 * kept) @ weight, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weight.grad, (2 * kept).T @ x.detach(), atol=1e-5, rtol=1e-5)

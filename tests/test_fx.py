@@ -43,6 +43,7 @@ from residual.models import (
     resnext50_32x4d,
     wide_resnet50_2,
 )
+from residual.reversible import Reversible, ReversibleSequence
 
 PACKAGE = Path(residual.__file__).resolve().parent
 
@@ -136,6 +137,25 @@ BLOCKS: list[Case] = [
         _images(2 * 2, 8, 4, 4),
     ),
     ("hyper-stack", lambda: _HyperStack(3, "channels_last"), _images(2, 5, 8)),
+    (
+        "Reversible",
+        lambda: Reversible(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.2)), nn.Linear(4, 4)),
+        _images(3, 8),
+    ),
+    (
+        "ReversibleSequence",
+        lambda: ReversibleSequence(
+            *(
+                Reversible(
+                    nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2)),
+                    nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.Dropout(0.2)),
+                    layout="channels_first",
+                )
+                for _ in range(2)
+            )
+        ),
+        _images(2, 4, 5, 5),
+    ),
     ("hyper-stack-channels_first", lambda: _HyperStack(2, "channels_first"), _images(2, 8, 4, 4)),
 ]
 

@@ -266,3 +266,262 @@ def test_a_builder_that_cannot_run_on_meta_is_checked_on_the_cpu(tmp_path: Path)
         save_pretrained(
             model, tmp_path, builder="R", kwargs={"width": 4}, builders={"R": ReadsValues}
         )
+
+
+# --- atomic overwrite: the old checkpoint loads until the new one is complete -----------------
+
+_STEPS = ("fdopen", "fsync", "replace", "link", "open")  # the os calls a save makes
+
+
+def _tiny(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return residual.Residual(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
+
+
+def _save_tiny(model: nn.Module, folder: Path) -> None:
+    save_pretrained(model, folder, builder="Tiny", builders={"Tiny": lambda: _tiny(0)})
+
+
+def _load_tiny(folder: Path) -> nn.Module:
+    return load_pretrained(folder, builders={"Tiny": lambda: _tiny(0)})
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, folder: Path, model: nn.Module) -> dict[str, int]:
+    """How many times a successful overwrite calls each of the os functions in _STEPS."""
+    counts = dict.fromkeys(_STEPS, 0)
+    with monkeypatch.context() as m:
+        for name in _STEPS:
+            real = getattr(os, name)
+
+            def counting(*args: Any, _name: str = name, _real: Any = real, **kw: Any) -> Any:
+                counts[_name] += 1
+                return _real(*args, **kw)
+
+            m.setattr(os, name, counting)
+        _save_tiny(model, folder)
+    return counts
+
+
+def _at_call(name: str, k: int, action: Any) -> Any:
+    """``os.<name>`` that runs ``action()`` instead of its ``k``-th call."""
+    real, seen = getattr(os, name), [0]
+
+    def wrapper(*args: Any, **kw: Any) -> Any:
+        seen[0] += 1
+        if seen[0] == k:
+            return action()
+        return real(*args, **kw)
+
+    return wrapper
+
+
+def _no_space() -> None:
+    raise OSError(28, "No space left on device")
+
+
+def _user_files(folder: Path) -> None:
+    (folder / "notes.txt").write_text("my notes")
+    (folder / "logs").mkdir()
+    (folder / "logs" / "train.log").write_text("step 1")
+
+
+def _assert_user_files(folder: Path) -> None:
+    assert (folder / "notes.txt").read_text() == "my notes"
+    assert (folder / "logs" / "train.log").read_text() == "step 1"
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_overwrite_with_an_error_at_any_step_loads_the_old_or_the_new(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OSError (disk full, I/O error) at each os call of an overwrite, one at a time.
+
+    The save raises and the folder loads the old checkpoint with its old values, or (a call
+    whose failure is recovered, such as a hard link) it succeeds and loads the new one; no
+    temporary file or folder is left, and the user's own files in the folder are untouched.
+    Before: an error while writing config.json left the new weights beside the old config,
+    which loads neither ("does not match the SHA-256").
+    """
+    old, new = _tiny(1), _tiny(2)
+    counts = _count_calls(monkeypatch, tmp_path / "probe", new)
+    raised = 0
+    for name, calls in counts.items():
+        for k in range(1, calls + 1):
+            root = tmp_path / f"{name}{k}"
+            folder = root / "ckpt"
+            _save_tiny(old, folder)
+            _user_files(folder)
+            before = _listing(root)
+            with monkeypatch.context() as m:
+                m.setattr(os, name, _at_call(name, k, _no_space))
+                try:
+                    _save_tiny(new, folder)
+                except OSError:
+                    raised += 1
+                    loaded, expected = _load_tiny(folder), old
+                else:
+                    loaded, expected = _load_tiny(folder), new
+            assert _same_weights(loaded, expected), (name, k)
+            assert _listing(root) == before, (name, k)  # nothing left over
+            _assert_user_files(folder)
+    assert raised >= counts["replace"] + counts["fsync"]  # every rename and fsync is essential
+
+
+def test_overwrite_killed_at_any_step_loads_the_old_or_the_new(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process killed (``os._exit``: no cleanup runs) at each os call of an overwrite.
+
+    The folder loads the old model or the new one, never neither; a later save leaves it clean.
+    Before: killed after the weights were renamed in, the folder loaded neither.
+    """
+    old, new, later = _tiny(1), _tiny(2), _tiny(3)
+    counts = _count_calls(monkeypatch, tmp_path / "probe", new)
+    outcomes = set()
+    for name, calls in counts.items():
+        for k in range(1, calls + 1):
+            folder = tmp_path / f"{name}{k}"
+            _save_tiny(old, folder)
+            _user_files(folder)
+            pid = os.fork()
+            if pid == 0:  # the child saves and dies at the k-th call
+                try:
+                    setattr(os, name, _at_call(name, k, lambda: os._exit(0)))
+                    _save_tiny(new, folder)
+                finally:
+                    os._exit(0)
+            os.waitpid(pid, 0)
+            loaded = _load_tiny(folder)
+            is_old, is_new = _same_weights(loaded, old), _same_weights(loaded, new)
+            assert is_old or is_new, (name, k)
+            outcomes.add("new" if is_new else "old")
+            _assert_user_files(folder)
+            _save_tiny(later, folder)
+            assert _same_weights(_load_tiny(folder), later)
+            assert _listing(folder) == sorted(
+                [CONFIG_NAME, WEIGHTS_NAME, "logs", "logs/train.log", "notes.txt"]
+            ), (name, k)
+    assert outcomes == {"old", "new"}
+
+
+def test_overwrite_loads_the_new_model_and_keeps_other_files(tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    _save_tiny(_tiny(1), folder)
+    _user_files(folder)
+    new = _tiny(2)
+    _save_tiny(new, folder)
+    assert _same_weights(_load_tiny(folder), new)
+    _assert_user_files(folder)
+    names = (CONFIG_NAME, WEIGHTS_NAME, "logs", "logs/train.log", "notes.txt")
+    assert _listing(tmp_path) == sorted(["ckpt", *(f"ckpt/{n}" for n in names)])
+
+
+def test_save_into_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder is never renamed: saving into "." keeps the process where it was."""
+    monkeypatch.chdir(tmp_path)
+    _save_tiny(_tiny(1), Path("."))
+    new = _tiny(2)
+    _save_tiny(new, Path("."))
+    assert Path.cwd() == tmp_path and os.path.samefile(".", tmp_path)
+    assert _same_weights(_load_tiny(Path(".")), new)
+
+
+def test_killed_between_the_two_renames_loads_the_new_model(tmp_path: Path) -> None:
+    """The new weights are in, the config not yet: the journal's config completes the pair."""
+    folder = tmp_path / "ckpt"
+    old, new = _tiny(1), _tiny(2)
+    _save_tiny(old, folder)
+    pid = os.fork()
+    if pid == 0:
+        try:  # killed once the weights are renamed in, where the config would be next
+            os.replace = _at_call("replace", 2, lambda: os._exit(0))
+            _save_tiny(new, folder)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    import hashlib
+
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    assert config["sha256"] != hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()
+    assert _same_weights(_load_tiny(folder), new)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_a_model_comes_back_in_its_dtype(tmp_path: Path, dtype: torch.dtype) -> None:
+    """Before: a bfloat16 model came back in float32 ("mat1 and mat2 must have the same dtype")."""
+    kwargs: dict[str, Any] = {"in_features": 16, "num_classes": 4, "dim": 8, "depth": 2}
+    model = residual.models.ResidualMLP(**kwargs).to(dtype).eval()
+    save_pretrained(model, tmp_path, builder="ResidualMLP", kwargs=kwargs)
+    again = load_pretrained(tmp_path)
+    assert {p.dtype for p in again.parameters()} == {dtype}
+    x = torch.randn(3, 16, dtype=dtype)
+    assert torch.equal(again(x), model(x))
+
+
+def test_a_mixed_precision_model_keeps_each_dtype(tmp_path: Path) -> None:
+    def build() -> nn.Module:
+        return residual.Residual(nn.Linear(4, 4), post=nn.LayerNorm(4), residual_in_fp32=True)
+
+    model = build()
+    model.fn.to(torch.bfloat16)
+    save_pretrained(model, tmp_path, builder="B", builders={"B": build})
+    again = load_pretrained(tmp_path, builders={"B": build})
+    assert {n: p.dtype for n, p in again.named_parameters()} == {
+        n: p.dtype for n, p in model.named_parameters()
+    }
+    x = torch.randn(3, 4, dtype=torch.bfloat16)
+    assert torch.equal(again(x), model.eval()(x))
+
+
+def test_mixed_precision_keeps_tied_weights_tied(tmp_path: Path) -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.out = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.out.weight = self.inp.weight
+            self.norm = nn.LayerNorm(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(self.out(self.inp(x).to(self.norm.weight.dtype)).float())
+
+    model = Tied()
+    model.inp.to(torch.bfloat16)
+    model.out.bias.data = model.out.bias.data.bfloat16()
+    save_pretrained(model, tmp_path, builder="Tied", builders={"Tied": Tied})
+    again = load_pretrained(tmp_path, builders={"Tied": Tied})
+    assert again.out.weight is again.inp.weight
+    assert again.inp.weight.dtype == torch.bfloat16 and again.norm.weight.dtype == torch.float32
+    assert torch.equal(again.inp.weight, model.inp.weight)
+
+
+def test_a_load_racing_a_save_reads_a_whole_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save completes between the load's read of the config and its read of the weights.
+
+    The weights then belong to the next config: the load reads both again rather than refuse.
+    """
+    folder = tmp_path / "ckpt"
+    old, new = _tiny(1), _tiny(2)
+    _save_tiny(old, folder)
+    real = Path.read_text
+    saved = []
+
+    def read_then_save(self: Path, *args: Any, **kwargs: Any) -> str:
+        text = real(self, *args, **kwargs)
+        if self.name == CONFIG_NAME and not saved:
+            saved.append(True)
+            _save_tiny(new, folder)  # another process saves right after we read the config
+        return text
+
+    monkeypatch.setattr(Path, "read_text", read_then_save)
+    assert _same_weights(_load_tiny(folder), new)
+    assert saved

@@ -418,3 +418,80 @@ def test_tied_parameters_get_the_plain_gradients_without_a_functional_call(
     # the plain backward calls each function with its own parameters (no swap); the
     # differentiable one binds views of them, and must bind both names of a tied parameter
     assert (len(calls) > 0) == create_graph
+
+
+# --- torch.fx.symbolic_trace ------------------------------------------------------------------
+
+
+def _fx_cases() -> dict[str, tuple[Any, tuple[int, ...]]]:
+    return {
+        "Reversible": (lambda: Reversible(mlp(4, 0.3), mlp(4)), (5, 8)),
+        "Reversible-channels_first": (
+            lambda: Reversible(conv(2), conv(2), layout="channels_first"),
+            (3, 4, 5, 5),
+        ),
+        "ReversibleSequence": (lambda: stack(3, 4, dropout=0.3), (5, 8)),
+        "ReversibleSequence-bn": (
+            lambda: ReversibleSequence(
+                *(Reversible(conv(2), conv(2), layout="channels_first") for _ in range(2))
+            ),
+            (3, 4, 5, 5),
+        ),
+    }
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", list(_fx_cases()))
+def test_symbolic_trace_equals_eager(case: str, train: bool) -> None:
+    """Outputs, gradients and norm statistics of the traced module equal eager's (same seed).
+
+    Before: "symbolically traced variables cannot be used as inputs to control flow".
+    """
+    build, shape = _fx_cases()[case]
+    torch.manual_seed(0)
+    eager = build().train(train)
+    traced = torch.fx.symbolic_trace(copy.deepcopy(eager))
+    x = torch.randn(shape)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(1)
+    ya = eager(xa)
+    ya.square().sum().backward()
+    torch.manual_seed(1)
+    yb = traced(xb)
+    yb.square().sum().backward()
+    torch.testing.assert_close(yb, ya, atol=0, rtol=0)
+    torch.testing.assert_close(xb.grad, xa.grad)
+    for (name, pa), pb in zip(eager.named_parameters(), traced.parameters(), strict=True):
+        torch.testing.assert_close(pb.grad, pa.grad, msg=name)
+    torch.testing.assert_close(traced.state_dict(), eager.state_dict(), atol=0, rtol=0)
+
+
+def test_a_traced_stack_stays_reversible_and_follows_its_mode() -> None:
+    """The traced stack chooses at run time: reversible in training with grad, plain otherwise.
+
+    Reversible: the branches rerun in backward (a pre-hook counts them) and stores no
+    activation; after ``.eval()`` of the traced module, a plain forward.
+    """
+    gm = torch.fx.symbolic_trace(stack(2, 4).train())
+    calls = [0]
+
+    def count(*_: object) -> None:
+        calls[0] += 1
+
+    for block in gm.blocks:
+        block.f.register_forward_pre_hook(count)
+    gm(torch.randn(3, 8, requires_grad=True)).sum().backward()
+    assert calls[0] == 4  # 2 blocks: forward, then the recomputation in backward
+    gm.eval()
+    calls[0] = 0
+    gm(torch.randn(3, 8, requires_grad=True)).sum().backward()
+    assert calls[0] == 2  # plain forward, no recomputation
+
+
+def test_traced_reversible_keeps_its_checks() -> None:
+    gm = torch.fx.symbolic_trace(Reversible(mlp(4), mlp(4)))
+    with pytest.raises(ResidualError, match="needs an even count"):
+        gm(torch.randn(2, 7))
+    bad = torch.fx.symbolic_trace(Reversible(FirstChannel(), mlp(4)))
+    with pytest.raises(ResidualError, match="f turned a half of shape"):
+        bad(torch.randn(2, 8))
