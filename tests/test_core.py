@@ -342,3 +342,18 @@ def test_shapes_are_checked_under_jit_trace_too() -> None:
     torch.testing.assert_close(traced(x), x + fn(x))
     with pytest.raises(ResidualError, match="does not match shortcut output"):
         torch.jit.trace(Residual(nn.Linear(4, 5)), (x,))
+
+
+@pytest.mark.parametrize("mode", ["row", "subset"])
+def test_the_block_drops_along_its_sample_axis(mode: str) -> None:
+    from residual.drop import SampleAxis
+
+    block = Residual(nn.Linear(4, 4), drop_path=0.5, drop_mode=mode, sample_axis=SampleAxis(1))
+    x = torch.randn(3, 64, 4)  # (L, N, E): the samples are on dim 1
+    delta, full = block(x) - x, 2 * block.fn(x)
+    kept = torch.isclose(delta, full, atol=1e-6).all(-1).all(0)
+    dropped = (delta == 0).all(-1).all(0)
+    assert bool((kept | dropped).all()) and 0 < int(kept.sum()) < 64
+    assert repr(block).startswith(
+        f"Residual(\n  drop_path=0.5, drop_mode={mode!r}, sample_axis=SampleAxis(dim=1,"
+    )
