@@ -112,6 +112,14 @@ def promote_fp32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def parameter_dtype(module: torch.nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype of ``module``'s first floating point parameter, else ``default``."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return default
+
+
 def check_same_shape(branch: Tensor, shortcut: Tensor, shortcut_name: str, layout: str) -> Tensor:
     """Return ``branch``; raise a ResidualError naming both shapes unless the shapes match."""
     if _is_tracing():  # the per-block hot path stays free of a context manager

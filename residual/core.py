@@ -77,7 +77,9 @@ class Residual(nn.Module):
             what ``fn`` states (:func:`~residual.drop.read_sample_axis`: ``batch_first`` of
             torch's sequence layers, a conv's unbatched rank), else dim 0.
         checkpoint: recompute the branch in backward instead of storing its activations.
-        residual_in_fp32: merge (and return) at least float32, for mixed-precision streams.
+        residual_in_fp32: merge (and return) at least float32, for mixed-precision streams; a
+            ``post`` with parameters runs in their dtype (a bfloat16 post-norm gets the merge
+            in bfloat16), and its output is returned in float32.
 
     Raises:
         TypeError: a part is not a module (or the shortcut not a name).
@@ -226,7 +228,10 @@ class Residual(nn.Module):
             y = s + y if merge is None else merge(s, y)
         post = parts.get("post")
         if post is not None:
-            y = post(y)
+            if self.residual_in_fp32:  # a half-precision post runs in its own dtype
+                y = _branch.promote_fp32(post(y.to(_branch.parameter_dtype(post, y.dtype))))
+            else:
+                y = post(y)
         return _branch.with_rest(y, out)
 
     def extra_repr(self) -> str:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from residual import _branch
-from residual._dims import read_branch_dims
+from residual._dims import read_branch_dims, read_branch_spatial_dims
 from residual._types import Layout, ModuleFactory, Stride, check_layout, check_positive_int
 from residual.errors import ResidualError, check_module
 
@@ -176,9 +176,15 @@ def _batch_of(
             f"input or one unbatched (C, *{spatial_dims} spatial) sample, got shape {shape}; {fix}"
         )
     if not (rank >= 2 and shape[1] == expected):
+        unbatched = (
+            f", or for one unbatched (C, *spatial) sample build it with spatial_dims={rank - 1}"
+            if spatial_dims is None and shape[:1] == (expected,) and rank - 1 in _CONVS
+            else ""
+        )
         raise ResidualError(
             f"{caller}: expected {expected} channels at dim 1 (channels_first), got input of "
-            f"shape {shape}; check the layout or the in_channels the shortcut was built with"
+            f"shape {shape}; check the layout or the in_channels the shortcut was built "
+            f"with{unbatched}"
         )
     return x
 
@@ -568,6 +574,7 @@ def shortcut_for(spec: str | nn.Module | None, branch: nn.Module) -> nn.Module:
     (2, 1)
     """
     if isinstance(spec, nn.Module):
+        _fill_spatial_dims(spec, branch)
         return spec
     name = "identity" if spec is None else spec
     if name in ("identity", "none") or not isinstance(name, str) or name not in SHORTCUTS:
@@ -589,6 +596,20 @@ def shortcut_for(spec: str | nn.Module | None, branch: nn.Module) -> nn.Module:
         layout=dims.layout,
         spatial_dims=dims.spatial_dims,
     )
+
+
+def _fill_spatial_dims(shortcut: nn.Module, branch: nn.Module) -> None:
+    """A channels-first ``ZeroPadShortcut`` built without ``spatial_dims`` takes the branch's.
+
+    Read where certain (convs, pools): with it, one unbatched (C, *spatial) sample is told
+    from a batch, as the branch's convs tell it.
+    """
+    if not isinstance(shortcut, ZeroPadShortcut) or shortcut.spatial_dims is not None:
+        return
+    spatial = read_branch_spatial_dims(branch)
+    steps = shortcut.stride if isinstance(shortcut.stride, tuple) else (shortcut.stride,)
+    if shortcut.layout == "channels_first" and spatial and len(steps) in (1, spatial):
+        shortcut.spatial_dims = spatial
 
 
 def is_identity(shortcut: nn.Module) -> bool:

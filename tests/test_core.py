@@ -357,3 +357,15 @@ def test_the_block_drops_along_its_sample_axis(mode: str) -> None:
     assert repr(block).startswith(
         f"Residual(\n  drop_path=0.5, drop_mode={mode!r}, sample_axis=SampleAxis(dim=1,"
     )
+
+
+def test_residual_in_fp32_hands_a_half_precision_post_its_own_dtype() -> None:
+    # found by tests/test_seams.py: a bfloat16 post-norm block with residual_in_fp32 raised
+    # "mixed dtype (CPU): expect parameter to have scalar type of Float"
+    fn, post = nn.Linear(4, 4).bfloat16(), nn.LayerNorm(4).bfloat16()
+    block = Residual(fn, post=post, residual_in_fp32=True)
+    x = torch.randn(3, 4, dtype=torch.bfloat16)
+    merged = x.float() + fn(x).float()
+    assert torch.equal(block(x), post(merged.bfloat16()).float())
+    relu = Residual(fn, post=nn.ReLU(), residual_in_fp32=True)  # no parameters: float32 out
+    assert torch.equal(relu(x), torch.relu(merged))

@@ -825,3 +825,17 @@ def test_a_lazy_branch_asks_for_the_module(fn: nn.Module, name: str) -> None:
     """A lazy layer's input channels are unknown until its first forward: not read as 0."""
     with pytest.raises(ResidualError, match=f"^Residual: shortcut {name!r} needs the branch's"):
         Residual(fn, shortcut=name)
+
+
+def test_a_zero_pad_module_takes_the_branchs_spatial_dims_for_unbatched_input() -> None:
+    # found by tests/test_seams.py: a ZeroPadShortcut passed as a module, unbatched conv input
+    conv = nn.Conv1d(3, 5, 1, stride=2)
+    block = Residual(conv, shortcut=ZeroPadShortcut(3, 5, stride=2))
+    assert block.shortcut.spatial_dims == 1
+    x = torch.randn(3, 7)  # (C, L): nn.Conv1d takes one unbatched sample
+    torch.testing.assert_close(block(x), block(x.unsqueeze(0)).squeeze(0))
+    with pytest.raises(
+        ResidualError, match=r"unbatched \(C, \*spatial\) sample build it with spatial_dims=1"
+    ):
+        ZeroPadShortcut(3, 3)(torch.randn(3, 7))
+    torch.testing.assert_close(ZeroPadShortcut(3, 3, spatial_dims=1)(x), x)  # the fix works
