@@ -136,7 +136,7 @@ class Residual(nn.Module):
         if merge is not None:
             if isinstance(self.shortcut, NoShortcut):
                 raise ResidualError("Residual: shortcut='none' adds nothing, so it takes no merge")
-            check_merge_fits(merge, fn, self.shortcut)
+            check_merge_fits(merge, fn, self.shortcut, self.sample_axis.batched_ndim)
         self.checkpoint = bool(checkpoint)
         self.residual_in_fp32 = bool(residual_in_fp32)
         self.drop_mode: str = "row"  # with drop_path and scale_by_keep: set by set_drop_path only

@@ -97,6 +97,10 @@ def _mismatch(caller: str, shape: tuple[int, ...], dim: int, layout: Layout | No
     if shape:
         last = f"{caller}({shape[-1]}, layout='channels_last')"
         fixes.append((shape[-1] == dim, f"if its channels are last (..., C), build it as {last}"))
+    if layout == "channels_first" and shape and shape[0] == dim:  # (C, *spatial), unbatched?
+        fixes.append((True, f"if it is one unbatched (C, *spatial) sample, tell the block its "
+                      f"batched rank: Residual(..., sample_axis=SampleAxis(0, batched_ndim="
+                      f"{len(shape) + 1}))"))  # fmt: skip
     if not fixes or (len(shape) == 1 and layout == "channels_first"):
         return f"{got}; give it a channel dim or fix the layout"
     fixes.sort(key=lambda fix: not fix[0])  # the reading that keeps the channel count first
@@ -348,17 +352,25 @@ class LaurelRW(nn.Module):
         return alpha * branch + beta * shortcut
 
 
-def _spatial_dims(branch: nn.Module, shortcut: nn.Module | None) -> int | None:
-    """The spatial dims of a channels-first block, where the branch or the shortcut fix them."""
+def _spatial_dims(
+    branch: nn.Module, shortcut: nn.Module | None, batched_ndim: int | None
+) -> int | None:
+    """The spatial dims of a channels-first block, where the branch or the shortcut fix them,
+    or the block's sample axis says its batched rank (``SampleAxis(0, batched_ndim=...)``)."""
     spatial = read_branch_spatial_dims(branch)
     if spatial is None and getattr(shortcut, "layout", None) == "channels_first":
         declared = getattr(shortcut, "spatial_dims", None)
         spatial = declared if isinstance(declared, int) else None
+    if spatial is None and batched_ndim is not None and batched_ndim > 2:
+        spatial = batched_ndim - 2
     return spatial
 
 
 def check_merge_fits(
-    merge: nn.Module, branch: nn.Module, shortcut: nn.Module | None = None
+    merge: nn.Module,
+    branch: nn.Module,
+    shortcut: nn.Module | None = None,
+    batched_ndim: int | None = None,
 ) -> None:
     """Set a per-channel merge's layout from the block, and raise if it cannot fit.
 
@@ -388,7 +400,7 @@ def check_merge_fits(
             )
         merge.layout = layout = known
     if isinstance(merge, _PerChannelMerge) and layout == "channels_first":
-        merge.spatial_dims = _spatial_dims(branch, shortcut)
+        merge.spatial_dims = _spatial_dims(branch, shortcut, batched_ndim)
     if isinstance(dim, int) and known is not None and layout is not None and layout != known:
         channels = dims.out_channels if dims is not None else dim
         source = (

@@ -536,3 +536,29 @@ def test_a_lazy_conv_branch_still_gives_its_layout() -> None:
     gamma = _set_gamma(block.merge, C)
     x = torch.randn(2, C, 5, C)
     torch.testing.assert_close(block(x), x + gamma.view(1, C, 1, 1) * fn(x))
+
+
+def test_an_opaque_channels_first_branch_on_one_unbatched_sample_follows_the_sample_axis() -> None:
+    # found by tests/test_seams.py: an opaque conv branch, LayerScale(C, channels_first) and one
+    # unbatched (C, L) sample: the error advised channels_last, or C == L scaled L silently
+    from residual.drop import SampleAxis
+
+    class Opaque(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(4, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x)
+
+    x = torch.randn(4, 3)  # (C, L)
+    block = Residual(Opaque(), merge=LayerScale(4, init=0.5, layout="channels_first"))
+    with pytest.raises(ResidualError, match=r"sample_axis=SampleAxis\(0, batched_ndim=3\)"):
+        block(x)
+    fixed = Residual(
+        Opaque(),
+        merge=LayerScale(4, init=0.5, layout="channels_first"),
+        sample_axis=SampleAxis(0, batched_ndim=3),
+    )
+    gamma = fixed.merge.gamma.detach().view(4, 1)
+    torch.testing.assert_close(fixed(x), x + gamma * fixed.fn(x))
