@@ -128,7 +128,7 @@ class Residual(nn.Module):
             read_sample_axis(fn) if sample_axis is None else SampleAxis.of(sample_axis)
         )
         self.fn = fn
-        self.shortcut = shortcut_for(shortcut, fn)
+        self.shortcut = shortcut_for(shortcut, fn, self.sample_axis.batched_ndim)
         for name, part in (("merge", merge), ("post", post), ("pre", pre)):
             if part is not None:
                 check_module("Residual", name, part)

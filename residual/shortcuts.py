@@ -560,7 +560,9 @@ def resolve_shortcut(
     )
 
 
-def shortcut_for(spec: str | nn.Module | None, branch: nn.Module) -> nn.Module:
+def shortcut_for(
+    spec: str | nn.Module | None, branch: nn.Module, batched_ndim: int | None = None
+) -> nn.Module:
     """The shortcut ``Residual(branch, shortcut=spec)`` uses.
 
     A module is used as it is; ``"identity"`` (and None) and ``"none"`` never look at the
@@ -574,7 +576,7 @@ def shortcut_for(spec: str | nn.Module | None, branch: nn.Module) -> nn.Module:
     (2, 1)
     """
     if isinstance(spec, nn.Module):
-        _fill_spatial_dims(spec, branch)
+        _fill_spatial_dims(spec, branch, batched_ndim)
         return spec
     name = "identity" if spec is None else spec
     if name in ("identity", "none") or not isinstance(name, str) or name not in SHORTCUTS:
@@ -598,15 +600,17 @@ def shortcut_for(spec: str | nn.Module | None, branch: nn.Module) -> nn.Module:
     )
 
 
-def _fill_spatial_dims(shortcut: nn.Module, branch: nn.Module) -> None:
+def _fill_spatial_dims(shortcut: nn.Module, branch: nn.Module, batched_ndim: int | None) -> None:
     """A channels-first ``ZeroPadShortcut`` built without ``spatial_dims`` takes the branch's.
 
-    Read where certain (convs, pools): with it, one unbatched (C, *spatial) sample is told
-    from a batch, as the branch's convs tell it.
+    Read where certain (convs, pools), else from the block's sample axis (its batched rank):
+    with it, one unbatched (C, *spatial) sample is told from a batch, as the branch tells it.
     """
     if not isinstance(shortcut, ZeroPadShortcut) or shortcut.spatial_dims is not None:
         return
     spatial = read_branch_spatial_dims(branch)
+    if spatial is None and batched_ndim is not None and batched_ndim - 2 in _CONVS:
+        spatial = batched_ndim - 2
     steps = shortcut.stride if isinstance(shortcut.stride, tuple) else (shortcut.stride,)
     if shortcut.layout == "channels_first" and spatial and len(steps) in (1, spatial):
         shortcut.spatial_dims = spatial

@@ -839,3 +839,21 @@ def test_a_zero_pad_module_takes_the_branchs_spatial_dims_for_unbatched_input() 
     ):
         ZeroPadShortcut(3, 3)(torch.randn(3, 7))
     torch.testing.assert_close(ZeroPadShortcut(3, 3, spatial_dims=1)(x), x)  # the fix works
+
+
+def test_a_zero_pad_module_beside_an_opaque_branch_takes_the_blocks_batched_rank() -> None:
+    from residual.drop import SampleAxis
+
+    class Opaque(nn.Module):  # a custom forward: nothing in it can be read
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1, stride=2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.conv(x)
+
+    axis = SampleAxis(0, batched_ndim=4)  # (N, C, H, W); one (C, H, W) sample is unbatched
+    block = Residual(Opaque(), shortcut=ZeroPadShortcut(3, 3, stride=2), sample_axis=axis)
+    assert block.shortcut.spatial_dims == 2
+    x = torch.randn(3, 3, 3)
+    torch.testing.assert_close(block(x), block(x.unsqueeze(0)).squeeze(0))
