@@ -28,10 +28,12 @@ training output over many draws with the eval output (``scale_by_keep=True``).
 A configuration may be refused where the library documents a refusal: an error raised by
 ``residual`` whose message names the fix (:func:`refusals`). Any other error fails.
 
-Hypothesis profiles: ``SEAMS_PROFILE=seams-ci`` (the default: derandomized, sized for the file
-to run in about 2 minutes on 2 cores) or ``seams-long`` for a deeper run::
+Hypothesis profiles, chosen with ``SEAMS_PROFILE`` (as for tests/test_seams_streams.py):
+``ci`` (the default, profile ``seams-ci``: derandomized, 2000 configurations, sized for the
+file to run in about 2 minutes on 2 cores) or ``long`` (``seams-long``: 20000) for a deeper
+run::
 
-    SEAMS_PROFILE=seams-long OMP_NUM_THREADS=1 python -m pytest tests/test_seams.py -q \\
+    SEAMS_PROFILE=long OMP_NUM_THREADS=1 python -m pytest tests/test_seams.py -q \\
         -p no:cacheprovider
 """
 
@@ -89,7 +91,7 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )
-PROFILE = os.environ.get("SEAMS_PROFILE", "seams-ci")
+PROFILE = f"seams-{os.environ.get('SEAMS_PROFILE', 'ci')}"  # SEAMS_PROFILE=ci | long
 EXAMPLES = settings.get_profile(PROFILE).max_examples
 
 DTYPES = {  # the dtype of the module and its input; "autocast": float32 run under CPU autocast
