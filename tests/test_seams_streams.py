@@ -569,10 +569,12 @@ REFERENCES: dict[str, Reference] = {
 
 def refusal(cfg: Config) -> str | None:
     """The documented refusal for ``cfg`` (a regex of its message), if any."""
-    if not cfg.drops or cfg.drop_mode == "row":
+    if cfg.drop_rate == 0 or cfg.drop_mode == "row":
         return None
-    if cfg.variant == "value_residual":  # "batch" / "subset" need a tensor output
-        return "drop_mode='row'"
+    if cfg.variant == "value_residual":  # "batch" / "subset" need a tensor output: refused
+        return "drop_mode='row'"  # when set, in eval mode too
+    if not cfg.drops:
+        return None
     if cfg.execution == "fx" and cfg.training:  # a run-time skip is not recordable by FX
         return "torch.fx.symbolic_trace cannot record"
     if cfg.branch == "attention" and cfg.drop_mode == "subset":  # per-sample extra arguments
