@@ -218,14 +218,17 @@ def read_sample_axis(fn: nn.Module) -> SampleAxis:
 def returns_tuple(fn: nn.Module) -> bool:
     """Whether a branch is known to return a tuple (the tensor to add, then more).
 
-    torch's RNNs and ``nn.MultiheadAttention`` do; so does a module whose ``returns_tuple``
-    attribute is True (a residual block around such a branch, value-residual attention).
+    torch's RNNs and ``nn.MultiheadAttention`` do, and an ``nn.Sequential`` that ends in one;
+    so does a module whose ``returns_tuple`` attribute is True (a residual block around such a
+    branch, value-residual attention).
     "batch" and "subset" drop refuse these: a skipped branch cannot give the rest of its tuple.
 
     >>> from torch import nn
     >>> returns_tuple(nn.LSTM(4, 4)), returns_tuple(nn.Linear(4, 4))
     (True, False)
     """
+    if isinstance(fn, nn.Sequential):  # what its last module returns
+        return bool(len(fn)) and returns_tuple(fn[-1])
     if isinstance(fn, nn.RNNBase | nn.MultiheadAttention):
         return True
     flag = getattr(fn, "returns_tuple", False)

@@ -1036,6 +1036,8 @@ def test_skipping_modes_refuse_a_branch_that_returns_a_tuple_when_set(mode: str)
         block.attn.set_drop_path(1.0, drop_mode=mode)  # before: a tensor for a skipped step
     with pytest.raises(TypeError, match="returns a tuple"):
         Residual(nn.LSTM(4, 4), drop_path=0.5, drop_mode=mode)
+    with pytest.raises(TypeError, match="returns a tuple"):  # pre-norm: a Sequential's last
+        Residual(nn.Sequential(nn.LayerNorm(4), nn.LSTM(4, 4)), drop_path=0.5, drop_mode=mode)
     block.attn.set_drop_path(1.0, drop_mode="row")  # the fix: the tuple passes through
     x = torch.randn(3, 5, 8)
     y, values = block(x)
