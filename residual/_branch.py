@@ -112,12 +112,14 @@ def promote_fp32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def parameter_dtype(module: torch.nn.Module, default: torch.dtype) -> torch.dtype:
-    """The dtype of ``module``'s first floating point parameter, else ``default``."""
-    for p in module.parameters():
+def post_in_fp32(post: torch.nn.Module, y: Tensor) -> Tensor:
+    """``post(y)`` for ``residual_in_fp32``: in the dtype of post's first floating point
+    parameter (a bfloat16 norm gets bfloat16), returned at least float32. Traced through."""
+    for p in post.parameters():
         if p.is_floating_point():
-            return p.dtype
-    return default
+            y = y.to(p.dtype)
+            break
+    return promote_fp32(post(y))
 
 
 def check_same_shape(branch: Tensor, shortcut: Tensor, shortcut_name: str, layout: str) -> Tensor:

@@ -228,10 +228,7 @@ class Residual(nn.Module):
             y = s + y if merge is None else merge(s, y)
         post = parts.get("post")
         if post is not None:
-            if self.residual_in_fp32:  # a half-precision post runs in its own dtype
-                y = _branch.promote_fp32(post(y.to(_branch.parameter_dtype(post, y.dtype))))
-            else:
-                y = post(y)
+            y = _branch.post_in_fp32(post, y) if self.residual_in_fp32 else post(y)
         return _branch.with_rest(y, out)
 
     def extra_repr(self) -> str:
