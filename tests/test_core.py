@@ -369,3 +369,5 @@ def test_residual_in_fp32_hands_a_half_precision_post_its_own_dtype() -> None:
     assert torch.equal(block(x), post(merged.bfloat16()).float())
     relu = Residual(fn, post=nn.ReLU(), residual_in_fp32=True)  # no parameters: float32 out
     assert torch.equal(relu(x), torch.relu(merged))
+    plain = Residual(fn, post=post)  # without the flag: all in bfloat16
+    assert plain(x).dtype == torch.bfloat16 and torch.equal(plain(x), post(x + fn(x)))
