@@ -951,6 +951,11 @@ def per_sample(cfg: Config, ours: Tensor, want: Tensor) -> list[float]:
 # ------------------------------------------------------------------------------------------
 
 
+def never_runs(cfg: Config) -> bool:
+    """A drop that may skip the branch before it has ever run: "batch", or "subset" at p = 1."""
+    return cfg.drop_mode == "batch" or (cfg.drop_mode == "subset" and cfg.p == 1.0)
+
+
 def refusals(cfg: Config) -> tuple[list[str], bool]:
     """The refusals the library documents for ``cfg``: regexes one of which its error message
     must match, and whether it MUST refuse (the formula has no value to compare with)."""
@@ -959,10 +964,10 @@ def refusals(cfg: Config) -> tuple[list[str], bool]:
     if skips and tuple_output(cfg):
         # a skipped / subset branch has no states to pass through: refused when built, or when
         # it trains. Documented limit: a branch whose tuple output nothing can read (an opaque
-        # module) is known only once it has run, so a "batch" step skipped before any run
-        # returns the tensor alone (docs/stochastic-depth.md)
+        # module) is known only once it has run, so a step skipped before any run ("batch", or
+        # "subset" at p = 1) returns the tensor alone (docs/stochastic-depth.md)
         allowed.append("drop_mode='row'")
-        must = "train" in cfg.steps and not (cfg.opaque and cfg.drop_mode == "batch")
+        must = "train" in cfg.steps and not (cfg.opaque and never_runs(cfg))
     extra_args = extra_inputs(cfg) or (cfg.kind == "attention" and cfg.is_causal)
     if skips and cfg.drop_mode == "subset" and extra_args:
         allowed.append("drop_mode='row'")  # which extra inputs are per sample is unknown
@@ -1143,7 +1148,7 @@ def check_steps(cfg: Config) -> None:
                 f"{where}: the formula has no value here, so it must refuse "
                 f"(an error naming drop_mode='row'); it returned {structure(step.out)}"
             )
-        if train and cfg.p > 0 and cfg.opaque and cfg.drop_mode == "batch" and tuple_output(cfg):
+        if train and cfg.p > 0 and cfg.opaque and never_runs(cfg) and tuple_output(cfg):
             return  # the documented limit (see refusals): no formula to compare with
         chosen, checked_grads = compare_outputs(cfg, where, P, names, x64, extra64, step, train)
         stats: dict[str, Any] = {}
