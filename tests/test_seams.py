@@ -108,7 +108,10 @@ DTYPES = {  # the dtype of the module and its input; "autocast": float32 run und
 # float64 (torch's own TransformerEncoderLayer: gradients up to 20% off in L2 in bfloat16, 12%
 # in float16): there the gradient check only catches what is grossly wrong (NaN, a sign).
 TOL = {"float64": 1e-9, "float32": 1e-4, "bfloat16": 6e-2, "float16": 1e-2, "autocast": 6e-2}
-GRAD_TOL = {"float64": 1e-8, "float32": 1e-3, "bfloat16": 0.6, "float16": 0.5, "autocast": 0.6}
+# autocast: bfloat16 matmuls inside float32 norms; the long profile's worst case (0.83, a
+# pre-norm TransformerEncoderLayer's norm bias) is torch's own layer's error as well (ours
+# equals torch's layer under autocast), so the bound is a precision bound, not a slack one
+GRAD_TOL = {"float64": 1e-8, "float32": 1e-3, "bfloat16": 0.6, "float16": 0.5, "autocast": 1.0}
 EPS, MOMENTUM = 1e-5, 0.1  # torch's defaults for LayerNorm / BatchNorm, which build_ours keeps
 ALPHA, BETA = 1.5, 0.75  # ScaledAdd's scales
 CONVS = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
