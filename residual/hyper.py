@@ -35,7 +35,6 @@ from torch import Tensor, nn
 from residual import _branch
 from residual._types import Layout, check_layout, check_positive_int
 from residual.core import Residual
-from residual.drop import SampleAxis
 from residual.errors import ResidualError, check_module
 from residual.streams import (
     FracBranch,
@@ -56,6 +55,7 @@ from residual.streams._fold import (
     mix_streams,
     native,
     per_stream,
+    stream_residual,
     stream_spread,
     stream_sum,
     token_mix,
@@ -250,13 +250,7 @@ def hyper_residual(
         raise ResidualError(f"hyper_residual: streams must be >= 1, got {streams}")
     branch = HyperBranch(fn, streams, dim, layer_index=layer_index, dynamic=dynamic, layout=layout)
     mix = StreamMix(streams, dim, dynamic=dynamic, layout=layout)
-    return Residual(
-        branch,
-        shortcut=mix,
-        post=post,
-        drop_path=drop_path,
-        sample_axis=SampleAxis(streams=streams),  # a sample's streams drop together
-    )
+    return stream_residual(branch, mix, streams, post, drop_path)
 
 
 for _name in (

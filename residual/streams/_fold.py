@@ -11,11 +11,27 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from residual import _branch
 from residual._types import Layout
+from residual.core import Residual
+from residual.drop import SampleAxis
 from residual.errors import ResidualError
+
+
+def stream_residual(
+    branch: nn.Module, mix: nn.Module, streams: int, post: nn.Module | None, drop_path: float
+) -> Residual:
+    """A stream layer: ``Residual(branch, shortcut=mix)`` over ``(streams * N, ...)`` tensors,
+    whose stochastic depth keeps or drops a sample's streams together."""
+    return Residual(
+        branch,
+        shortcut=mix,
+        post=post,
+        drop_path=drop_path,
+        sample_axis=SampleAxis(streams=streams),
+    )
 
 
 def check_stream_batch(h: Tensor, streams: int, caller: str, hint: str) -> None:

@@ -29,7 +29,6 @@ from torch.autograd.function import once_differentiable
 from residual import _branch
 from residual._types import Layout, check_layout, check_positive_int
 from residual.core import Residual
-from residual.drop import SampleAxis
 from residual.errors import ResidualError
 from residual.streams._fold import (
     along_streams,
@@ -39,6 +38,7 @@ from residual.streams._fold import (
     mix_streams,
     native,
     per_stream,
+    stream_residual,
     stream_spread,
     stream_sum,
     thin_product,
@@ -392,13 +392,7 @@ def mhc_residual(
         return Residual(fn, post=post, drop_path=drop_path)
     branch = MHCBranch(fn, streams, dim, dynamic=dynamic, layer_index=layer_index, layout=layout)
     mix = MHCMix(streams, dim, dynamic=dynamic, sinkhorn_iters=sinkhorn_iters, layout=layout)
-    return Residual(
-        branch,
-        shortcut=mix,
-        post=post,
-        drop_path=drop_path,
-        sample_axis=SampleAxis(streams=streams),  # a sample's streams drop together
-    )
+    return stream_residual(branch, mix, streams, post, drop_path)
 
 
 for _name in (
